@@ -1,0 +1,1 @@
+"""Triton kernels for the U-Net hot loop (installed as ``sdfast.kernels``)."""

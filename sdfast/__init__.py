@@ -1,0 +1,1 @@
+"""sdfast: a fast, honest Stable Diffusion inference runtime."""

@@ -1,0 +1,139 @@
+"""CLIP's byte-level BPE tokenizer for Stable Diffusion prompts, built on the `tokenizers` library.
+
+Reads a diffusers `tokenizer/` folder and gives, id for id, what transformers 5's `CLIPTokenizer` gives with
+`padding="max_length", max_length=77, truncation=True`: the normaliser and pre-tokeniser below copy
+transformers/models/clip/tokenization_clip.py (v5.24), which follows OpenAI's clip/simple_tokenizer.py except that it
+skips ftfy and html.unescape. SD 1.x and 2.x share the vocabulary and differ only in the pad token.
+
+Prompts longer than the 75-token window are truncated with a warning, or, with `long_prompts=True`, split into
+75-token chunks that the caller encodes one by one and concatenates (the AUTOMATIC1111 webui's scheme, without its
+back-off to the last comma).
+"""
+
+import json
+import pathlib
+import warnings
+
+import torch
+from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+from tokenizers.models import BPE
+
+# CLIP's word pattern: special tokens, English contractions, letter runs, single digits, other-symbol runs;
+# whitespace matches nothing and so is dropped, which also strips the prompt.
+_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+# What transformers' CLIPTokenizer assumes when the json files say nothing; SD 2.x overrides the pad with "!".
+_DEFAULT_SPECIALS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
+
+
+def _added_token(spec: str | dict) -> AddedToken:
+    """A special token as transformers registers it: a plain string matches only the raw prompt text
+    (normalized=False), a dict carries its own flags, and `AddedToken`'s defaults fill the rest."""
+    if isinstance(spec, str):
+        return AddedToken(spec, special=True, normalized=False)
+    flags = {k: spec[k] for k in ("lstrip", "rstrip", "single_word", "normalized") if k in spec}
+    return AddedToken(spec["content"], special=True, **flags)
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+class Tokenizer:
+    """Prompt text -> CLIP token ids, padded to `max_length` (77) per chunk."""
+
+    def __init__(self, backend: _Backend, bos: str, eos: str, pad: str, max_length: int = 77):
+        self._backend = backend
+        self.max_length = max_length
+        self.bos_id, self.eos_id, self.pad_id = (self._token_id(t) for t in (bos, eos, pad))
+
+    def _token_id(self, token: str) -> int:
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} is not in the vocabulary")
+        return token_id
+
+    @classmethod
+    def from_folder(cls, path) -> "Tokenizer":
+        """Loads vocab.json and merges.txt; tokenizer_config.json and special_tokens_map.json are optional."""
+        folder = pathlib.Path(path)
+        missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"tokenizer folder {str(folder)!r} has no {' or '.join(missing)}; "
+                "expected a diffusers tokenizer/ folder with vocab.json and merges.txt"
+            )
+        config = _read_json(folder / "tokenizer_config.json")
+        # transformers reads both files and lets special_tokens_map.json win.
+        specials = {**_DEFAULT_SPECIALS, **config, **_read_json(folder / "special_tokens_map.json")}
+        specials = {key: specials[key] for key in _DEFAULT_SPECIALS}
+
+        backend = _Backend(
+            BPE.from_file(
+                str(folder / "vocab.json"),
+                str(folder / "merges.txt"),
+                end_of_word_suffix="</w>",
+                unk_token=_added_token(specials["unk_token"]).content,
+            )
+        )
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        # Special tokens are cut out of the prompt before BPE, so "<|endoftext|>" typed in a prompt becomes the eos
+        # id, and with SD 2.x's pad "!" every "!" becomes id 0 instead of "!</w>" (as in transformers). Registered in
+        # transformers' order (bos, eos, unk, pad): when two share a text, the last one's flags win in both.
+        backend.add_special_tokens([_added_token(spec) for spec in specials.values()])
+
+        bos, eos, pad = (_added_token(specials[k]).content for k in ("bos_token", "eos_token", "pad_token"))
+        return cls(backend, bos, eos, pad, max_length=int(config.get("model_max_length", 77)))
+
+    def _ids(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids per prompt, without bos/eos."""
+        return [e.ids for e in self._backend.encode_batch(prompts, add_special_tokens=False)]
+
+    def token_count(self, prompt: str) -> int:
+        """Number of tokens in `prompt`, not counting bos/eos; more than max_length - 2 gets truncated."""
+        return len(self._ids([prompt])[0])
+
+    def _chunk(self, ids: list[int]) -> list[int]:
+        """[bos] + ids + [eos], padded to max_length."""
+        return [self.bos_id, *ids, self.eos_id] + [self.pad_id] * (self.max_length - 2 - len(ids))
+
+    def encode(self, prompts: str | list[str], long_prompts: bool = False) -> torch.LongTensor:
+        """Token ids, shape (B, K, max_length); K is 1 unless long_prompts=True and some prompt needs more chunks.
+
+        With long_prompts=True the ids are cut into chunks of max_length - 2; prompts with fewer chunks than the
+        longest get chunks of the empty prompt ([bos, eos, pad...]). Otherwise overlong prompts are truncated with
+        a warning.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        window = self.max_length - 2
+        batch = []
+        for prompt, ids in zip(prompts, self._ids(list(prompts))):
+            if long_prompts:
+                batch.append([self._chunk(ids[i : i + window]) for i in range(0, len(ids), window)])
+                continue
+            if len(ids) > window:
+                warnings.warn(
+                    f"prompt truncated: {len(ids) - window} of its {len(ids)} tokens are past the {window}-token "
+                    f"limit and were dropped (pass long_prompts=True to keep them): {prompt[:60]!r}...",
+                    stacklevel=2,
+                )
+            batch.append([self._chunk(ids[:window])])
+        chunks = max((len(c) for c in batch), default=1) or 1
+        empty = self._chunk([])
+        batch = [c + [empty] * (chunks - len(c)) for c in batch]
+        return torch.tensor(batch, dtype=torch.long).view(len(batch), chunks, self.max_length)  # (B, K, 77)
