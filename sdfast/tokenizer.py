@@ -32,13 +32,38 @@ _DEFAULT_SPECIALS = {
 }
 
 
+def _content(spec: str | dict) -> str:
+    """The token text of a special-token entry: a string, or a dict {"content": ..., <AddedToken flags>}."""
+    return spec if isinstance(spec, str) else spec["content"]
+
+
 def _added_token(spec: str | dict) -> AddedToken:
     """A special token as transformers registers it: a plain string matches only the raw prompt text
     (normalized=False), a dict carries its own flags, and `AddedToken`'s defaults fill the rest."""
     if isinstance(spec, str):
         return AddedToken(spec, special=True, normalized=False)
     flags = {k: spec[k] for k in ("lstrip", "rstrip", "single_word", "normalized") if k in spec}
-    return AddedToken(spec["content"], special=True, **flags)
+    return AddedToken(_content(spec), special=True, **flags)
+
+
+def _read_bpe(folder: pathlib.Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE vocabulary and merges: from vocab.json + merges.txt (as the SD releases ship them) or from the
+    tokenizer.json that transformers 5 writes instead."""
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        return json.loads((folder / "vocab.json").read_text(encoding="utf-8")), merges
+    if (folder / "tokenizer.json").is_file():
+        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"{folder / 'tokenizer.json'} holds a {model.get('type')} model, not CLIP's BPE")
+        merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges
+    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    raise FileNotFoundError(
+        f"tokenizer folder {str(folder)!r} has no {' or '.join(missing)} (nor a tokenizer.json); "
+        "expected a diffusers tokenizer/ folder with vocab.json and merges.txt"
+    )
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -61,26 +86,17 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path) -> "Tokenizer":
-        """Loads vocab.json and merges.txt; tokenizer_config.json and special_tokens_map.json are optional."""
+        """Loads vocab.json and merges.txt (or tokenizer.json); tokenizer_config.json and special_tokens_map.json are
+        optional."""
         folder = pathlib.Path(path)
-        missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"tokenizer folder {str(folder)!r} has no {' or '.join(missing)}; "
-                "expected a diffusers tokenizer/ folder with vocab.json and merges.txt"
-            )
+        vocab, merges = _read_bpe(folder)
         config = _read_json(folder / "tokenizer_config.json")
         # transformers reads both files and lets special_tokens_map.json win.
         specials = {**_DEFAULT_SPECIALS, **config, **_read_json(folder / "special_tokens_map.json")}
         specials = {key: specials[key] for key in _DEFAULT_SPECIALS}
 
         backend = _Backend(
-            BPE.from_file(
-                str(folder / "vocab.json"),
-                str(folder / "merges.txt"),
-                end_of_word_suffix="</w>",
-                unk_token=_added_token(specials["unk_token"]).content,
-            )
+            BPE(vocab, merges, end_of_word_suffix="</w>", unk_token=_content(specials["unk_token"]))
         )
         backend.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -96,7 +112,7 @@ class Tokenizer:
         # transformers' order (bos, eos, unk, pad): when two share a text, the last one's flags win in both.
         backend.add_special_tokens([_added_token(spec) for spec in specials.values()])
 
-        bos, eos, pad = (_added_token(specials[k]).content for k in ("bos_token", "eos_token", "pad_token"))
+        bos, eos, pad = (_content(specials[k]) for k in ("bos_token", "eos_token", "pad_token"))
         return cls(backend, bos, eos, pad, max_length=int(config.get("model_max_length", 77)))
 
     def _ids(self, prompts: list[str]) -> list[list[int]]:

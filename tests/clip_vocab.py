@@ -58,8 +58,9 @@ def write_clip_tokenizer(folder: pathlib.Path, pad_token: str = "<|endoftext|>")
         "unk_token": _added_token("<|endoftext|>"),
         "pad_token": pad_token,
     }
+    # tokenizer_config.json tags its dicts as the SD repositories' files do; special_tokens_map.json does not.
     config = {
-        **specials,
+        **{k: {"__type": "AddedToken", **v} if isinstance(v, dict) else v for k, v in specials.items()},
         "add_prefix_space": False,
         "do_lower_case": True,
         "errors": "replace",

@@ -1,0 +1,284 @@
+"""Reading checkpoints: weight files read lazily, networks built on the meta device and filled in the target dtype.
+
+Two layouts load: the diffusers folder (``model_index.json`` + one folder per network) and the original single file
+(CompVis / webui ``.safetensors`` or ``.ckpt``). Key names and transforms of each layout live in ``layouts.py``;
+this module only reads files, checks keys and shapes, and materialises the networks. Every failure is a
+``CheckpointError`` that names the file and the fix; nothing is half loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+
+from .tokenizer import Tokenizer
+from .models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, unknown layout, corrupt, or not matching the network."""
+
+
+class WeightFile:
+    """Tensors of one or more files, read one tensor at a time (safetensors: memory-mapped, never read whole)."""
+
+    def __init__(self, paths: Iterable[Path]):
+        self._where: dict[str, object] = {}  # key -> open safe_open handle or a loaded dict
+        self.paths = list(paths)
+        for path in self.paths:
+            if not path.is_file():
+                raise CheckpointError(f"weight file {path} does not exist")
+            if path.suffix == ".safetensors":
+                try:
+                    handle = safe_open(str(path), framework="pt", device="cpu")
+                except (SafetensorError, OSError, ValueError) as e:
+                    raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+                for key in handle.keys():
+                    self._where[key] = handle
+            elif path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
+                state = _torch_load(path)
+                for key in state:
+                    self._where[key] = state
+            else:
+                raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; "
+                                      "expected .safetensors, .bin, .ckpt, .pt or .pth")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        where = self._where[key]
+        if isinstance(where, dict):
+            return tuple(where[key].shape)
+        return tuple(where.get_slice(key).get_shape())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: self.shape(key) for key in self._where}
+
+    def get(self, key: str) -> torch.Tensor:
+        where = self._where[key]
+        if isinstance(where, dict):
+            return where[key]
+        try:
+            return where.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.paths[0]} (truncated or corrupt?): {e}") from e
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled checkpoint, through ``weights_only=True`` only: it can hold no code. Memory-mapped when possible."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise CheckpointError(f"{path} cannot be read as a weights-only torch checkpoint "
+                              f"(corrupt, truncated, or it contains code objects): {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # CompVis .ckpt files wrap the weights
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one parameter of our network comes from: a key in the weight file and a transform of the tensor."""
+
+    key: str
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _first(items: Iterable[str], n: int = 5) -> str:
+    items = sorted(items)
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def materialize(build: Callable[[], nn.Module], sources: Mapping[str, Source], weights: WeightFile,
+                *, component: str, unexpected: Iterable[str] = (), device="cpu", dtype=torch.float32) -> nn.Module:
+    """Build a network on the meta device and fill it from ``weights``, each tensor cast once to ``dtype`` on
+    ``device`` (no second full copy in memory). Keys and shapes are all checked before any tensor is read."""
+    with torch.device("meta"):
+        model = build()
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = expected.keys() - sources.keys()
+    extra = (sources.keys() - expected.keys()) | set(unexpected)
+    if missing or extra:
+        parts = [f"{component}: the checkpoint does not match the network ({', '.join(str(p) for p in weights.paths)})"]
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {_first(missing)}")
+        if extra:
+            parts.append(f"unexpected {len(extra)} keys: {_first(extra)}")
+        parts.append("is this file of a different model family, or a config that does not belong to these weights?")
+        raise CheckpointError("; ".join(parts))
+    state = {}
+    for name, shape in expected.items():
+        src = sources[name]
+        tensor = weights.get(src.key)
+        if src.transform is not None:
+            tensor = src.transform(tensor)
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{component}: tensor {name!r} (from {src.key!r}) has shape {tuple(tensor.shape)} "
+                                  f"in the checkpoint but the network expects {shape}: the config does not match "
+                                  "these weights")
+        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a diffusers folder needs it")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def find_weights(folder: Path) -> WeightFile:
+    """The weight file(s) of one diffusers component folder: safetensors first (sharded or not), then fp16 variants,
+    then pickled ``.bin``."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing: a diffusers folder has one sub-folder per network")
+    for stem in ("diffusion_pytorch_model", "model"):
+        for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
+            index = folder / f"{stem}{suffix}.index.json"
+            if index.is_file():
+                shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+                return WeightFile(folder / shard for shard in shards)
+            if (folder / f"{stem}{suffix}").is_file():
+                return WeightFile([folder / f"{stem}{suffix}"])
+    raise CheckpointError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors, model.safetensors "
+                          "(or .bin, or an fp16 variant)")
+
+
+@dataclass
+class Components:
+    """The networks and configs of one Stable Diffusion checkpoint, loaded."""
+
+    text_encoder: nn.Module
+    unet: nn.Module
+    vae: nn.Module
+    scheduler_config: dict
+    tokenizer: Tokenizer
+
+
+def _diffusers_sources(component: str, weights: WeightFile) -> dict[str, Source]:
+    """Our parameter name -> key in a diffusers component folder (keys we do not know stay, to be reported)."""
+    sources = {}
+    for key in weights.keys():
+        name = key
+        if component == "text_encoder":
+            name = key.removeprefix("text_model.")  # transformers < 5 nests the model; transformers 5 does not
+            if name == "embeddings.position_ids":  # a constant arange buffer saved by older transformers
+                continue
+        transform = None
+        if component == "vae":
+            # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn (1x1 convs in even
+            # older files); such folders are still common (e.g. the SD 1.5 release).
+            for old, new in LEGACY_VAE_ATTENTION.items():
+                if f".{old}." in name and ".attentions." in name:
+                    name = name.replace(f".{old}.", f".{new}.")
+                    transform = _conv1x1_to_linear
+        sources[name] = Source(key, transform)
+    return sources
+
+
+LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
+    return t[:, :, 0, 0] if t.ndim == 4 else t
+
+
+def load_diffusers(folder: Path, device, dtype) -> Components:
+    """A diffusers folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    index = read_json(folder / "model_index.json")
+    for part in ("unet", "vae", "text_encoder"):
+        if part not in index:
+            raise CheckpointError(f"{folder / 'model_index.json'} lists no {part!r}: not a Stable Diffusion pipeline")
+    unet_cfg = _config(UNetConfig.from_diffusers, folder / "unet" / "config.json")
+    vae_cfg = _config(VAEConfig.from_diffusers, folder / "vae" / "config.json")
+    te_weights = find_weights(folder / "text_encoder")
+    te_sources = _diffusers_sources("text_encoder", te_weights)
+    te_cfg = _config(lambda c: CLIPTextConfig.from_transformers(c, "text_projection.weight" in te_sources),
+                     folder / "text_encoder" / "config.json")
+    try:
+        tokenizer = Tokenizer.from_folder(folder / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'tokenizer'}: {e}") from e
+    return Components(
+        text_encoder=materialize(lambda: CLIPTextModel(te_cfg), te_sources, te_weights,
+                                 component="text_encoder", device=device, dtype=dtype),
+        unet=_load_diffusers_part(folder / "unet", "unet", lambda: UNet(unet_cfg), device, dtype),
+        vae=_load_diffusers_part(folder / "vae", "vae", lambda: AutoencoderKL(vae_cfg), device, dtype),
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        tokenizer=tokenizer,
+    )
+
+
+def _config(parse: Callable[[dict], object], path: Path):
+    try:
+        return parse(read_json(path))
+    except (ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _load_diffusers_part(folder: Path, component: str, build, device, dtype) -> nn.Module:
+    weights = find_weights(folder)
+    return materialize(build, _diffusers_sources(component, weights), weights,
+                       component=component, device=device, dtype=dtype)
+
+
+def load_single_file(path: Path, device, dtype) -> Components:
+    """An original-layout (CompVis / webui) single file: family and configs inferred from keys and shapes."""
+    from . import layouts  # TODO(move to top once layouts.py lands)
+
+    weights = WeightFile([path])
+    shapes = weights.shapes()
+    try:
+        configs = layouts.infer_configs(shapes, global_step=_global_step(weights))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    unet_cfg = UNetConfig.from_diffusers(configs["unet"])
+    vae_cfg = VAEConfig.from_diffusers(configs["vae"])
+    te_cfg = CLIPTextConfig.from_transformers(configs["text_encoder"], has_projection=False)
+    builds = {"unet": lambda: UNet(unet_cfg), "vae": lambda: AutoencoderKL(vae_cfg),
+              "text_encoder": lambda: CLIPTextModel(te_cfg)}
+    nets = {}
+    for component, build in builds.items():
+        rules = layouts.original_rules(component, configs[component])
+        sources = {r.target: Source(r.source, layouts.transform(r.transform)) for r in rules}
+        used = {r.source for r in rules}
+        unexpected = [k for k in shapes if layouts.component_of(k) == component and k not in used
+                      and not layouts.is_ignored(k, configs)]
+        nets[component] = materialize(build, sources, weights, component=component, unexpected=unexpected,
+                                      device=device, dtype=dtype)
+    return Components(
+        text_encoder=nets["text_encoder"], unet=nets["unet"], vae=nets["vae"],
+        scheduler_config=configs["scheduler"],
+        tokenizer=Tokenizer.clip(pad_token=configs["pad_token"]),
+    )
+
+
+def _global_step(weights: WeightFile) -> int | None:
+    """CompVis checkpoints record the training step; SD 2.x's epsilon-prediction base model is the one at 875000."""
+    if "global_step" not in weights:
+        return None
+    return int(weights.get("global_step").reshape(-1)[0])

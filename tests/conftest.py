@@ -1,0 +1,92 @@
+"""Tiny random-weight reference pipelines (diffusers + transformers), saved as real diffusers folders.
+
+SD1-like: conv projections, one head count for every level, quick_gelu CLIP, epsilon, "<|endoftext|>" padding.
+SD2-like: linear projections, per-level head counts, gelu CLIP, v-prediction, "!" padding.
+Both use the real CLIP vocabulary and a 4-level VAE (8x, as in SD), at widths that keep CI fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip_vocab import write_clip_tokenizer
+
+SD1 = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+              norm_num_groups=8, sample_size=8),
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+              hidden_act="quick_gelu", eos_token_id=2),
+    scheduler=dict(prediction_type="epsilon"),
+    pad="<|endoftext|>",
+)
+SD2 = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+              up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=48, attention_head_dim=(2, 4),
+              use_linear_projection=True, upcast_attention=True, norm_num_groups=8, sample_size=8),
+    text=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, hidden_act="gelu",
+              projection_dim=24),
+    scheduler=dict(prediction_type="v_prediction"),
+    pad="!",
+)
+VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
+# The scheduler_config.json of the SD 1.5 / 2.1 releases (PNDM, as they ship it).
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+                 timestep_spacing="leading")
+
+
+@dataclass
+class Reference:
+    """A diffusers pipeline in memory and the folder it was saved to."""
+
+    pipe: object  # diffusers.StableDiffusionPipeline
+    path: Path
+
+
+def build_reference(spec: dict, folder: Path, seed: int) -> Reference:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok_dir = write_clip_tokenizer(folder / "_tokenizer_src", pad_token=spec["pad"])
+    text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **spec["text"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline(
+            unet=UNet2DConditionModel(**spec["unet"]).eval(),
+            vae=AutoencoderKL(**VAE).eval(),
+            text_encoder=CLIPTextModel(text).eval(),
+            tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+            scheduler=PNDMScheduler.from_config({**SCHEDULER, **spec["scheduler"]}),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        pipe.save_pretrained(folder / "model", safe_serialization=True)
+    return Reference(pipe, folder / "model")
+
+
+@pytest.fixture(scope="session")
+def sd1(tmp_path_factory) -> Reference:
+    return build_reference(SD1, tmp_path_factory.mktemp("sd1"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def sd2(tmp_path_factory) -> Reference:
+    return build_reference(SD2, tmp_path_factory.mktemp("sd2"), seed=2)
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def ref(request) -> Reference:
+    return request.getfixturevalue(request.param)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against the reference ``b``."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
