@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .checkpoint import CheckpointError, load_diffusers, load_single_file
+from .sampler import denoise, latent_preview, to_pil
+from .schedulers import SCHEDULERS, make_scheduler
+from .timing import Recorder, Timings
 from .tokenizer import Tokenizer
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    latents: torch.Tensor  # (B, 4, H/8, W/8): the final latents, before the VAE
+    timings: Timings
+    seed: int  # the seed used (drawn at random when none was given), to reproduce the images
+    previews: list[tuple[int, list[Image.Image]]] = field(default_factory=list)  # (step, one image per sample)
 
 
 @dataclass
@@ -31,6 +47,138 @@ class Pipeline:
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along each side: 8 for SD (one halving per VAE level but the last)."""
         return 2 ** (len(self.vae.config.block_channels) - 1)
+
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 width: int | None = None, height: int | None = None, steps: int = 30, guidance_scale: float = 7.5,
+                 scheduler: str = "euler", seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+                 latents: torch.Tensor | None = None, image: Image.Image | str | Path | None = None,
+                 strength: float = 0.8, long_prompts: bool = False, preview_every: int = 0,
+                 preview_decode: str = "linear", callback: Callable | None = None) -> GenerationResult:
+        """Text to image, or image to image when ``image`` is given.
+
+        ``batch_size`` images per prompt; ``clip_skip`` 1 = last CLIP layer, 2 = penultimate (the webui's slider);
+        ``latents`` (B, 4, H/8, W/8) is user-given unit-variance initial noise; ``image`` + ``strength`` is img2img
+        (VAE-encode, noise to the strength's timestep, denoise the remaining steps). ``preview_every`` N > 0 adds
+        previews every N steps, a linear latent-to-RGB map or, with ``preview_decode="vae"``, a full VAE decode.
+        ``callback(step, timestep, latents)`` runs after every step; returning False stops the loop early.
+        The same seed gives the same images on the same device and backend (noise is drawn on the CPU).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        init_image = _read_image(image) if image is not None else None
+        width, height = self._size(width, height, init_image)
+        self._check(prompts, negatives, width, height, steps, scheduler, batch_size, clip_skip, strength,
+                    preview_every, preview_decode, guidance_scale)
+        seed = random.randrange(2**63) if seed is None else int(seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        recorder = Recorder(self.device)
+        previews: list[tuple[int, list[Image.Image]]] = []
+        n = len(prompts) * batch_size
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+        with recorder.span("total"):
+            with recorder.span("text_encoder"):
+                context = self._encode_prompts(prompts, negatives, batch_size, clip_skip, long_prompts,
+                                               guidance_scale > 1.0)
+            sched = make_scheduler(scheduler, self.scheduler_config)
+            sched.set_timesteps(steps, self.device)
+            if init_image is None:
+                start = 0
+                x = self._initial_noise(shape, latents, generator) * sched.init_noise_sigma
+            else:
+                start, x = self._noised_image(init_image, width, height, shape, sched, steps, strength, generator,
+                                              recorder)
+
+            def preview(step: int, x0: torch.Tensor) -> None:
+                if preview_decode == "vae":
+                    previews.append((step, to_pil(self.vae.decode(x0.to(self.dtype)))))
+                else:
+                    previews.append((step, latent_preview(x0, (width, height))))
+
+            x = denoise(self.unet, sched, x, context, guidance_scale=guidance_scale, start=start,
+                        generator=generator, recorder=recorder, callback=callback, preview=preview,
+                        preview_every=preview_every)
+            with recorder.span("vae_decode"):
+                decoded = self.vae.decode(x)
+        if not (torch.isfinite(x).all() and torch.isfinite(decoded).all()):
+            raise FloatingPointError(
+                f"the result holds NaN or Inf (dtype {self.dtype}): the model overflowed. Load it with "
+                "dtype=torch.float32 or torch.bfloat16 instead of showing a black image")
+        return GenerationResult(to_pil(decoded), x, Timings.from_spans(recorder.resolve(), self.device), seed,
+                                previews)
+
+    # -- the stages --
+
+    def _encode_prompts(self, prompts, negatives, batch_size, clip_skip, long_prompts, guide) -> torch.Tensor:
+        """Text embeddings (B, 77*K, C) ordered [negatives; prompts] when guiding, each repeated ``batch_size``
+        times; long prompts are encoded 77 tokens at a time and concatenated (K chunks)."""
+        texts = negatives + prompts if guide else prompts
+        ids = self.tokenizer.encode(texts, long_prompts=long_prompts).to(self.device)  # (T, K, 77)
+        t, k, length = ids.shape
+        hidden, _ = self.text_encoder(ids.view(t * k, length), clip_skip=clip_skip)  # (T*K, 77, C)
+        hidden = hidden.view(t, k * length, -1).to(self.dtype)
+        return hidden.repeat_interleave(batch_size, dim=0)
+
+    def _initial_noise(self, shape, latents, generator) -> torch.Tensor:
+        if latents is None:
+            return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)} but this request needs {shape} "
+                             "(batch = prompts x batch_size, channels, height/8, width/8)")
+        return latents.to(self.device, self.dtype)
+
+    def _noised_image(self, image, width, height, shape, sched, steps, strength, generator, recorder):
+        """img2img: the VAE latent of ``image``, noised to the timestep where the last ``strength`` of the
+        schedule starts (as diffusers' StableDiffusionImg2ImgPipeline). Returns (start index, latents)."""
+        first = steps - min(int(steps * strength), steps)
+        start = first * sched.order
+        if start >= len(sched.timesteps):
+            raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
+                             "raise strength or steps")
+        sched.set_begin_index(start)
+        pixels = _image_tensor(image, width, height).to(self.device, self.dtype)
+        with recorder.span("vae_encode"):
+            init = self.vae.encode(pixels, generator)  # (1, 4, h, w)
+        init = init.expand(shape[0], -1, -1, -1)
+        noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        return start, sched.add_noise(init, noise, start)
+
+    # -- input checks: one clear message per mistake --
+
+    def _size(self, width, height, image) -> tuple[int, int]:
+        if image is not None:  # img2img keeps the picture's size unless told otherwise
+            f = self.vae_scale_factor
+            return width or image.width // f * f, height or image.height // f * f
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        return width or default, height or default
+
+    def _check(self, prompts, negatives, width, height, steps, scheduler, batch_size, clip_skip, strength,
+               preview_every, preview_decode, guidance_scale) -> None:
+        f = self.vae_scale_factor
+        if width % f or height % f or width <= 0 or height <= 0:
+            raise ValueError(f"size {width}x{height} is not a positive multiple of {f}: use e.g. "
+                             f"{max(f, width // f * f)}x{max(f, height // f * f)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(sorted(SCHEDULERS))}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r}: need an integer >= 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: need at least 1 image per prompt")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+        layers = self.text_encoder.config.num_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip={clip_skip} is out of range: use 1..{layers} (1 = last layer)")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength} is outside [0, 1]")
+        if preview_every < 0 or preview_decode not in ("linear", "vae"):
+            raise ValueError(f"previews: preview_every={preview_every} must be >= 0 and preview_decode="
+                             f"{preview_decode!r} one of 'linear', 'vae'")
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale} is not a finite number")
 
 
 def load(path, device="cpu", dtype=torch.float32) -> Pipeline:
@@ -56,3 +204,21 @@ def load(path, device="cpu", dtype=torch.float32) -> Pipeline:
         parts = load_single_file(path, device, dtype)
     return Pipeline(parts.tokenizer, parts.text_encoder, parts.unet, parts.vae, parts.scheduler_config,
                     device, dtype)
+
+
+def _read_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {str(image)!r}: {e}") from e
+
+
+def _image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL -> (1, 3, H, W) in [-1, 1], resized to (width, height) when it differs (diffusers' preprocessing)."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0

@@ -33,6 +33,7 @@ class UNetConfig:
     upcast_attention: bool = False  # SD 2.1-v: attention in fp32 (it overflows in fp16)
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    sample_size: int = 64  # latent side it was trained at: 64 -> 512 px (SD 1.x, 2.x-base), 96 -> 768 px (2.x-v)
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "UNetConfig":
@@ -85,6 +86,7 @@ class UNetConfig:
             upcast_attention=cfg.get("upcast_attention", False),
             flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
             freq_shift=cfg.get("freq_shift", 0),
+            sample_size=cfg.get("sample_size", 64),
         )
 
 

@@ -1,0 +1,87 @@
+"""The denoising loop: classifier-free guidance around the U-Net, the scheduler update, per-step timing, previews.
+
+Plain functions of a U-Net callable, a scheduler (``sdfast.schedulers``) and tensors; ``pipeline.py`` prepares the
+inputs and decodes the result.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .schedulers import Scheduler
+from .timing import Recorder
+
+# Least-squares map from SD 1.x / 2.x latent channels to RGB in [-1, 1] (rows: latent channels; the factors the
+# webui and ComfyUI use for their cheap previews). A preview, not a decode: colours and layout, no fine detail.
+LATENT_RGB = torch.tensor([
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+])
+
+
+def guided(unet: Callable, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022). ``context`` is [negative; prompt] stacked on the batch axis
+    when ``scale > 1``, and the prompt alone otherwise (then the U-Net runs once, on the conditional half)."""
+    if scale <= 1.0:
+        return unet(x, t, context)
+    uncond, cond = unet(torch.cat([x, x]), t, context).chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def predicted_x0(scheduler: Scheduler, x_in: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The model's estimate of the clean latent at this step, from the U-Net's (variance-preserving) input.
+
+    Every scheduler here hands the U-Net x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, so x0 follows from its
+    output whatever the scheduler does next (epsilon or v parameterisation, DDPM eq. 15 / Salimans & Ho 2022)."""
+    index = int(t.float().round().clamp(0, len(scheduler.alphas_cumprod) - 1))
+    abar = scheduler.alphas_cumprod[index].to(x_in.device, torch.float32)
+    x, out = x_in.float(), out.float()
+    if scheduler.config.prediction_type == "v_prediction":
+        return abar.sqrt() * x - (1 - abar).sqrt() * out
+    return (x - (1 - abar).sqrt() * out) / abar.sqrt()
+
+
+def latent_preview(latents: torch.Tensor, size: tuple[int, int]) -> list[Image.Image]:
+    """Cheap RGB preview of (B, 4, h, w) latents (scaled as the U-Net sees them), resized to ``size`` (W, H)."""
+    rgb = torch.einsum("bchw,cr->brhw", latents.float(), LATENT_RGB.to(latents.device))
+    return to_pil(rgb, size)
+
+
+def to_pil(images: torch.Tensor, size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers' image processor does."""
+    arrays = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    pils = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+    if size is not None:
+        pils = [p if p.size == size else p.resize(size, Image.BILINEAR) for p in pils]
+    return pils
+
+
+def denoise(unet: Callable, scheduler: Scheduler, latents: torch.Tensor, context: torch.Tensor, *,
+            guidance_scale: float, start: int, generator: torch.Generator | None, recorder: Recorder,
+            callback: Callable | None = None, preview: Callable[[int, torch.Tensor], None] | None = None,
+            preview_every: int = 0) -> torch.Tensor:
+    """Run the scheduler's model calls from index ``start`` to the end (or until ``callback`` returns False).
+
+    ``callback(step, timestep, latents)`` sees the latents after each step (1-based step count); ``preview(step, x0)``
+    gets the model's clean-latent estimate every ``preview_every`` steps and at the last step."""
+    timesteps = scheduler.timesteps[start:]
+    for step, t in enumerate(timesteps, start=1):
+        index = start + step - 1
+        with recorder.span("step"):
+            with recorder.span("unet"):
+                x_in = scheduler.scale_model_input(latents, index)
+                out = guided(unet, x_in, t, context, guidance_scale)
+            with recorder.span("scheduler"):
+                latents = scheduler.step(out, index, latents, generator)
+        if preview is not None and preview_every and (step % preview_every == 0 or step == len(timesteps)):
+            with recorder.span("preview"):
+                preview(step, predicted_x0(scheduler, x_in, t, out))
+        if callback is not None and callback(step, t, latents) is False:
+            break
+    return latents

@@ -1,0 +1,101 @@
+"""Latency of every stage and every step, without perturbing what is measured.
+
+On CUDA each interval is a pair of CUDA events recorded on the stream: nothing synchronises inside the denoising
+loop, and all intervals are read once at the end. On CPU the clock is ``time.perf_counter`` (monotonic).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class Recorder:
+    """Collects named intervals; ``resolve()`` turns them into milliseconds (one device sync, at the end)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._spans: list[tuple[str, object, object]] = []
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @contextmanager
+    def span(self, name: str):
+        start = self._mark()
+        yield
+        self._spans.append((name, start, self._mark()))
+
+    def resolve(self) -> dict[str, list[float]]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, list[float]] = {}
+        for name, start, end in self._spans:
+            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            out.setdefault(name, []).append(ms)
+        return out
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage. ``unet_ms`` / ``scheduler_ms`` / ``step_ms`` hold one entry per denoising step:
+    a step is the guided U-Net call, the scheduler update and the host work between them (previews excluded)."""
+
+    text_encoder_ms: float
+    unet_ms: list[float]
+    scheduler_ms: list[float]
+    step_ms: list[float]
+    vae_decode_ms: float
+    vae_encode_ms: float = 0.0  # img2img only
+    preview_ms: float = 0.0  # total over all previews
+    total_ms: float = 0.0
+    device: str = "cpu"
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_spans(cls, spans: dict[str, list[float]], device: torch.device) -> "Timings":
+        t = cls(
+            text_encoder_ms=sum(spans.get("text_encoder", [0.0])),
+            unet_ms=spans.get("unet", []),
+            scheduler_ms=spans.get("scheduler", []),
+            step_ms=spans.get("step", []),
+            vae_decode_ms=sum(spans.get("vae_decode", [0.0])),
+            vae_encode_ms=sum(spans.get("vae_encode", [0.0])),
+            preview_ms=sum(spans.get("preview", [0.0])),
+            total_ms=sum(spans.get("total", [0.0])),
+            device=str(device),
+        )
+        t.stats = {name: _stats(getattr(t, name)) for name in ("unet_ms", "scheduler_ms", "step_ms")}
+        return t
+
+    def summary(self) -> str:
+        """One line for a terminal: median step and U-Net latency, then the stages and the total."""
+        steps = len(self.step_ms)
+        step = self.stats.get("step_ms", {})
+        return (f"{steps} steps: {step.get('p50', 0):.1f} ms/step (p90 {step.get('p90', 0):.1f}), "
+                f"unet {self.stats.get('unet_ms', {}).get('p50', 0):.1f} ms, "
+                f"text {self.text_encoder_ms:.1f} ms, vae {self.vae_decode_ms:.1f} ms, "
+                f"total {self.total_ms:.0f} ms on {self.device}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:  # nearest-rank percentile
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+    return {"p50": statistics.median(ordered), "p90": pct(0.9), "p99": pct(0.99), "min": ordered[0],
+            "mean": statistics.fmean(ordered)}
