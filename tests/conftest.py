@@ -48,6 +48,7 @@ class Reference:
 
     pipe: object  # diffusers.StableDiffusionPipeline
     path: Path
+    scheduler_config: dict  # as saved: tests swap pipe.scheduler, this stays
 
 
 def build_reference(spec: dict, folder: Path, seed: int) -> Reference:
@@ -69,7 +70,7 @@ def build_reference(spec: dict, folder: Path, seed: int) -> Reference:
         )
         pipe.set_progress_bar_config(disable=True)
         pipe.save_pretrained(folder / "model", safe_serialization=True)
-    return Reference(pipe, folder / "model")
+    return Reference(pipe, folder / "model", dict(pipe.scheduler.config))
 
 
 @pytest.fixture(scope="session")

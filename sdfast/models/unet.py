@@ -86,7 +86,7 @@ class UNetConfig:
             upcast_attention=cfg.get("upcast_attention", False),
             flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
             freq_shift=cfg.get("freq_shift", 0),
-            sample_size=cfg.get("sample_size", 64),
+            sample_size=cfg.get("sample_size") or 64,
         )
 
 

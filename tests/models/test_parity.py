@@ -127,7 +127,7 @@ def test_full_sd15_unet_shapes_match_diffusers():
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        ref = UNet2DConditionModel(cross_attention_dim=768)  # otherwise diffusers defaults to SD 1.5
+        ref = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # else diffusers defaults to SD 1.5
     ref = ref.to_empty(device="cpu").eval()
     for p in ref.parameters():  # fast random init: real-scale values, not a trained model's
         p.normal_(0, 0.02)

@@ -1,0 +1,64 @@
+"""The ``sdfast`` command line: outputs, previews, timings, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sdfast.cli import main
+
+
+def test_generate_writes_images_previews_and_timings(sd1, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code = main(["generate", "a red circle", "-o", str(out), "--model", str(sd1.path), "--steps", "4",
+                 "--seed", "3", "--batch", "2", "--previews", str(tmp_path / "prev"), "--preview-every", "2",
+                 "--timings", str(tmp_path / "t.json"), "--scheduler", "dpmpp_2m"])
+    assert code == 0
+    assert Image.open(tmp_path / "out-0.png").size == (64, 64) and (tmp_path / "out-1.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "prev").iterdir()) == [
+        "step002-0.png", "step002-1.png", "step004-0.png", "step004-1.png"]
+    timings = json.loads((tmp_path / "t.json").read_text())
+    assert timings["seed"] == 3 and len(timings["unet_ms"]) == 4
+    line = capsys.readouterr().out.strip()
+    assert "(seed 3): 4 steps:" in line and "ms/step" in line
+
+
+def test_img2img(sd1, tmp_path):
+    Image.new("RGB", (72, 64), (200, 30, 30)).save(tmp_path / "in.png")
+    code = main(["img2img", str(tmp_path / "in.png"), "a red square", "--strength", "0.5", "-o",
+                 str(tmp_path / "o.png"), "--model", str(sd1.path), "--steps", "4"])
+    assert code == 0
+    assert Image.open(tmp_path / "o.png").size == (72, 64)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "--width", "500"], "--width 500 is not a positive multiple of 8"),
+    (["generate", "x", "--scheduler", "nope"], "unknown --scheduler 'nope'"),
+    (["generate", "x", "--steps", "0"], "--steps 0: need at least 1"),
+    (["img2img", "IMG", "x", "--strength", "1.2"], "--strength 1.2 is outside [0, 1]"),
+    (["img2img", "/nonexistent.png", "x"], "input image /nonexistent.png does not exist"),
+    (["img2img", "BAD", "x"], "cannot read image"),
+    (["generate", "x", "--model", "/no/such/model"], "model /no/such/model does not exist"),
+    (["generate", "x", "--model", "NOTSD"], "not a diffusers pipeline folder"),
+])
+def test_bad_input_exits_2_with_one_line(sd1, tmp_path, capsys, argv, message):
+    Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    argv = [{"IMG": str(tmp_path / "img.png"), "BAD": str(tmp_path / "bad.png"), "NOTSD": str(tmp_path)}.get(a, a)
+            for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(sd1.path)]
+    assert main(argv + ["-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("sdfast ")
+
+
+def test_missing_model_from_the_installed_command(tmp_path, monkeypatch):
+    monkeypatch.delenv("SDFAST_MODEL", raising=False)
+    proc = subprocess.run([sys.executable, "-m", "sdfast.cli", "generate", "a cat", "-o", str(tmp_path / "o.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("sdfast generate: error: no model: pass --model PATH (a diffusers folder or a "
+                                   ".safetensors file) or set SDFAST_MODEL")
