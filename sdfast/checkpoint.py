@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 
+from . import layouts
 from .tokenizer import Tokenizer
 from .models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
 
@@ -246,14 +247,13 @@ def _load_diffusers_part(folder: Path, component: str, build, device, dtype) -> 
                        component=component, device=device, dtype=dtype)
 
 
-def load_single_file(path: Path, device, dtype) -> Components:
-    """An original-layout (CompVis / webui) single file: family and configs inferred from keys and shapes."""
-    from . import layouts  # TODO(move to top once layouts.py lands)
-
+def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -> Components:
+    """An original-layout (CompVis / webui) single file: family and configs inferred from keys and shapes.
+    ``overrides`` ({"unet": {...}, "scheduler": {...}, ...}) sets what weights cannot reveal (see layouts)."""
     weights = WeightFile([path])
     shapes = weights.shapes()
     try:
-        configs = layouts.infer_configs(shapes, global_step=_global_step(weights))
+        configs = layouts.infer_configs(shapes, global_step=_global_step(weights), overrides=overrides)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     unet_cfg = UNetConfig.from_diffusers(configs["unet"])

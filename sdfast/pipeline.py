@@ -181,10 +181,14 @@ class Pipeline:
             raise ValueError(f"guidance_scale={guidance_scale} is not a finite number")
 
 
-def load(path, device="cpu", dtype=torch.float32) -> Pipeline:
+def load(path, device="cpu", dtype=torch.float32, *, overrides: dict | None = None) -> Pipeline:
     """Load a Stable Diffusion 1.x / 2.x checkpoint: a diffusers folder, or an original-layout single file
     (``.safetensors``; ``.ckpt`` only through ``weights_only=True``). Weights land directly in ``dtype`` on
-    ``device``. Raises ``CheckpointError`` naming the problem for anything that cannot load."""
+    ``device``. Raises ``CheckpointError`` naming the problem for anything that cannot load.
+
+    ``overrides`` (single files only) sets config fields the weights cannot reveal, in diffusers' config names,
+    e.g. ``{"scheduler": {"prediction_type": "epsilon"}, "unet": {"upcast_attention": True}}`` for an SD 2.x
+    file that the defaults (v-prediction at 768 px for 2.x) do not describe."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
@@ -196,12 +200,14 @@ def load(path, device="cpu", dtype=torch.float32) -> Pipeline:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a diffusers folder or a .safetensors / .ckpt file")
     if path.is_dir():
+        if overrides:
+            raise ValueError("overrides apply to single files; a diffusers folder's config.json files say it all")
         if not (path / "model_index.json").is_file():
             raise CheckpointError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder "
                                   "(pass the folder that holds model_index.json, unet/, vae/, text_encoder/)")
         parts = load_diffusers(path, device, dtype)
     else:
-        parts = load_single_file(path, device, dtype)
+        parts = load_single_file(path, device, dtype, overrides)
     return Pipeline(parts.tokenizer, parts.text_encoder, parts.unet, parts.vae, parts.scheduler_config,
                     device, dtype)
 

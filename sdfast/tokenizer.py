@@ -10,6 +10,7 @@ Prompts longer than the 75-token window are truncated with a warning, or, with `
 back-off to the last comma).
 """
 
+import gzip
 import json
 import pathlib
 import warnings
@@ -66,6 +67,37 @@ def _read_bpe(folder: pathlib.Path) -> tuple[dict[str, int], list[tuple[str, str
     )
 
 
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255, in CLIP's vocabulary order (printable bytes first)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+
+
+# OpenAI keeps merges 1..48894 of the file (line 0 is a version header): with 512 byte symbols and 2 specials
+# that gives CLIP's 49408 ids.
+_NUM_MERGES = 49152 - 256 - 2
+_BUNDLED_BPE = pathlib.Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+
+# The special tokens as the SD 1.x / 2.x releases' tokenizer files spell them (the pad is set per family).
+SD_SPECIAL_TOKENS = {
+    name: {"content": token, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    for name, token in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"),
+                        ("unk_token", "<|endoftext|>"))
+}
+
+
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary and merges, assembled from OpenAI's bpe_simple_vocab_16e6.txt.gz (MIT licence,
+    bundled) as clip/simple_tokenizer.py does: byte symbols, the same with "</w>", one token per merge, specials."""
+    lines = gzip.open(_BUNDLED_BPE, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    symbols = _bytes_to_unicode()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
 def _read_json(path: pathlib.Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -94,7 +126,19 @@ class Tokenizer:
         # transformers reads both files and lets special_tokens_map.json win.
         specials = {**_DEFAULT_SPECIALS, **config, **_read_json(folder / "special_tokens_map.json")}
         specials = {key: specials[key] for key in _DEFAULT_SPECIALS}
+        return cls._build(vocab, merges, specials, int(config.get("model_max_length", 77)))
 
+    @classmethod
+    def clip(cls, pad_token: str = "<|endoftext|>") -> "Tokenizer":
+        """The CLIP tokenizer from the vocabulary bundled with sdfast, for checkpoints that carry none (single
+        files). ``pad_token``: "<|endoftext|>" for SD 1.x, "!" for SD 2.x. Special-token flags as the SD releases'
+        tokenizer files set them."""
+        vocab, merges = clip_vocabulary()
+        specials = {**SD_SPECIAL_TOKENS, "pad_token": pad_token}
+        return cls._build(vocab, merges, specials, 77)
+
+    @classmethod
+    def _build(cls, vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict, max_length: int):
         backend = _Backend(
             BPE(vocab, merges, end_of_word_suffix="</w>", unk_token=_content(specials["unk_token"]))
         )
@@ -113,7 +157,7 @@ class Tokenizer:
         backend.add_special_tokens([_added_token(spec) for spec in specials.values()])
 
         bos, eos, pad = (_content(specials[k]) for k in ("bos_token", "eos_token", "pad_token"))
-        return cls(backend, bos, eos, pad, max_length=int(config.get("model_max_length", 77)))
+        return cls(backend, bos, eos, pad, max_length=max_length)
 
     def _ids(self, prompts: list[str]) -> list[list[int]]:
         """Token ids per prompt, without bos/eos."""

@@ -184,3 +184,20 @@ def test_tokenizer_json_only_folder_matches(tmp_path):
     with pytest.warns(UserWarning):
         assert torch.equal(Tokenizer.from_folder(tmp_path / "saved").encode(prompts),
                            Tokenizer.from_folder(source).encode(prompts))
+
+
+def test_bundled_vocabulary_is_open_clips_and_builds_the_sd_tokenizers(tmp_path):
+    """The vocabulary file shipped in sdfast/data is OpenAI's, byte for byte (open_clip ships the same file), and
+    Tokenizer.clip() equals a tokenizer read from an SD-style folder, for both pad tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    from sdfast.tokenizer import _BUNDLED_BPE
+
+    package = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0])
+    assert _BUNDLED_BPE.read_bytes() == (package / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    prompts = ["A photo of a CAT!", "<|ENDOFTEXT|> and <|endoftext|>", "ünïcödé 🐱 3.14"]
+    for pad in ("<|endoftext|>", "!"):
+        folder = write_clip_tokenizer(tmp_path / pad.strip("<|>!") / "tok", pad_token=pad)
+        assert torch.equal(Tokenizer.clip(pad).encode(prompts), Tokenizer.from_folder(folder).encode(prompts))
+    assert Tokenizer.clip("!").pad_id == 0 and Tokenizer.clip().pad_id == 49407
