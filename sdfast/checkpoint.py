@@ -150,21 +150,26 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
+# Weight file names in a diffusers component folder, in order of preference: safetensors (diffusers' and
+# transformers' names), their fp16 variants, then pickles. Each may be sharded (NAME.index.json lists the shards).
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
+
+
 def find_weights(folder: Path) -> WeightFile:
-    """The weight file(s) of one diffusers component folder: safetensors first (sharded or not), then fp16 variants,
-    then pickled ``.bin``."""
+    """The weight file(s) of one diffusers component folder."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing: a diffusers folder has one sub-folder per network")
-    for stem in ("diffusion_pytorch_model", "model"):
-        for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
-            index = folder / f"{stem}{suffix}.index.json"
-            if index.is_file():
-                shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-                return WeightFile(folder / shard for shard in shards)
-            if (folder / f"{stem}{suffix}").is_file():
-                return WeightFile([folder / f"{stem}{suffix}"])
-    raise CheckpointError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors, model.safetensors "
-                          "(or .bin, or an fp16 variant)")
+    for name in WEIGHT_NAMES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            return WeightFile(folder / shard for shard in shards)
+        if (folder / name).is_file():
+            return WeightFile([folder / name])
+    raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_NAMES)} (or sharded)")
 
 
 @dataclass

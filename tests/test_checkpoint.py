@@ -197,3 +197,22 @@ def test_legacy_vae_attention_names_load(folder_copy, sd1):
 
     rewrite(vae, legacy)
     assert_same_tensors(sdfast.load(folder_copy), sdfast.load(sd1.path))
+
+
+def test_pickled_bin_folder_loads(folder_copy, sd1):
+    """Older diffusers folders hold diffusion_pytorch_model.bin / pytorch_model.bin, read with weights_only=True."""
+    for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "pytorch_model")):
+        folder = folder_copy / part
+        safetensors_file = next(folder.glob("*.safetensors"))
+        torch.save(load_file(str(safetensors_file)), folder / f"{stem}.bin")
+        safetensors_file.unlink()
+    assert_same_tensors(sdfast.load(folder_copy), sdfast.load(sd1.path))
+
+
+def test_sharded_safetensors_load(folder_copy, sd1):
+    """Large components are saved in shards listed by an index file."""
+    shutil.rmtree(folder_copy / "unet")
+    sd1.pipe.unet.save_pretrained(folder_copy / "unet", max_shard_size="100KB")
+    assert len(list((folder_copy / "unet").glob("*.safetensors"))) > 1
+    assert_same_tensors(sdfast.load(folder_copy), sdfast.load(sd1.path))
