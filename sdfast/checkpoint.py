@@ -88,11 +88,15 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise CheckpointError(f"{path} cannot be read as a weights-only torch checkpoint "
                               f"(corrupt, truncated, or it contains code objects): {type(e).__name__}: {e}") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # CompVis .ckpt files wrap the weights
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    step = state.get("global_step")
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # CompVis .ckpt files wrap the weights, with the training step beside them
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if isinstance(step, int) and "global_step" not in tensors:
+        tensors["global_step"] = torch.tensor(step)  # read back by _global_step (SD 2.x epsilon vs v)
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,13 @@ def _first(items: Iterable[str], n: int = 5) -> str:
 def materialize(build: Callable[[], nn.Module], sources: Mapping[str, Source], weights: WeightFile,
                 *, component: str, unexpected: Iterable[str] = (), device="cpu", dtype=torch.float32) -> nn.Module:
     """Build a network on the meta device and fill it from ``weights``, each tensor cast once to ``dtype`` on
-    ``device`` (no second full copy in memory). Keys and shapes are all checked before any tensor is read."""
+    ``device`` (no second full copy in memory). Every key, and the shape of every tensor stored as is, is checked
+    before any tensor is read; transformed tensors (split or reshaped) are checked as they are made."""
     with torch.device("meta"):
         model = build()
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = expected.keys() - sources.keys()
+    absent = {name for name, src in sources.items() if src.key not in weights}
+    missing = (expected.keys() - sources.keys()) | (absent & expected.keys())
     extra = (sources.keys() - expected.keys()) | set(unexpected)
     if missing or extra:
         parts = [f"{component}: the checkpoint does not match the network ({', '.join(str(p) for p in weights.paths)})"]
@@ -126,16 +132,22 @@ def materialize(build: Callable[[], nn.Module], sources: Mapping[str, Source], w
             parts.append(f"unexpected {len(extra)} keys: {_first(extra)}")
         parts.append("is this file of a different model family, or a config that does not belong to these weights?")
         raise CheckpointError("; ".join(parts))
+
+    def check(name: str, key: str, shape: tuple[int, ...]) -> None:
+        if shape != expected[name]:
+            raise CheckpointError(f"{component}: tensor {name!r} (from {key!r}) has shape {shape} in the checkpoint "
+                                  f"but the network expects {expected[name]}: the config does not match these weights")
+
+    for name, src in sources.items():
+        if src.transform is None:
+            check(name, src.key, weights.shape(src.key))
     state = {}
-    for name, shape in expected.items():
+    for name in expected:
         src = sources[name]
         tensor = weights.get(src.key)
         if src.transform is not None:
             tensor = src.transform(tensor)
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{component}: tensor {name!r} (from {src.key!r}) has shape {tuple(tensor.shape)} "
-                                  f"in the checkpoint but the network expects {shape}: the config does not match "
-                                  "these weights")
+            check(name, src.key, tuple(tensor.shape))
         state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -183,32 +195,9 @@ class Components:
     tokenizer: Tokenizer
 
 
-def _diffusers_sources(component: str, weights: WeightFile) -> dict[str, Source]:
-    """Our parameter name -> key in a diffusers component folder (keys we do not know stay, to be reported)."""
-    sources = {}
-    for key in weights.keys():
-        name = key
-        if component == "text_encoder":
-            name = key.removeprefix("text_model.")  # transformers < 5 nests the model; transformers 5 does not
-            if name == "embeddings.position_ids":  # a constant arange buffer saved by older transformers
-                continue
-        transform = None
-        if component == "vae":
-            # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn (1x1 convs in even
-            # older files); such folders are still common (e.g. the SD 1.5 release).
-            for old, new in LEGACY_VAE_ATTENTION.items():
-                if f".{old}." in name and ".attentions." in name:
-                    name = name.replace(f".{old}.", f".{new}.")
-                    transform = _conv1x1_to_linear
-        sources[name] = Source(key, transform)
-    return sources
-
-
-LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def _conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
-    return t[:, :, 0, 0] if t.ndim == 4 else t
+def sources_from_rules(rules: Iterable[layouts.Rule]) -> dict[str, Source]:
+    return {r.target: Source(r.source, None if r.transform == "copy" else layouts.transform(r.transform))
+            for r in rules}
 
 
 def load_diffusers(folder: Path, device, dtype) -> Components:
@@ -217,12 +206,12 @@ def load_diffusers(folder: Path, device, dtype) -> Components:
     for part in ("unet", "vae", "text_encoder"):
         if part not in index:
             raise CheckpointError(f"{folder / 'model_index.json'} lists no {part!r}: not a Stable Diffusion pipeline")
-    unet_cfg = _config(UNetConfig.from_diffusers, folder / "unet" / "config.json")
-    vae_cfg = _config(VAEConfig.from_diffusers, folder / "vae" / "config.json")
     te_weights = find_weights(folder / "text_encoder")
-    te_sources = _diffusers_sources("text_encoder", te_weights)
-    te_cfg = _config(lambda c: CLIPTextConfig.from_transformers(c, "text_projection.weight" in te_sources),
-                     folder / "text_encoder" / "config.json")
+    te_sources = sources_from_rules(layouts.diffusers_rules("text_encoder", te_weights.keys()))
+    unet_cfg, vae_cfg, te_cfg = _network_configs(
+        read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json"),
+        read_json(folder / "text_encoder" / "config.json"), has_projection="text_projection.weight" in te_sources,
+        where=folder)
     try:
         tokenizer = Tokenizer.from_folder(folder / "tokenizer")
     except (OSError, ValueError) as e:
@@ -237,18 +226,27 @@ def load_diffusers(folder: Path, device, dtype) -> Components:
     )
 
 
-def _config(parse: Callable[[dict], object], path: Path):
+def _network_configs(unet: dict, vae: dict, text: dict, *, has_projection: bool, where: Path):
+    """The three networks' configs from diffusers / transformers config dicts, checked to fit together."""
     try:
-        return parse(read_json(path))
+        unet_cfg = UNetConfig.from_diffusers(unet)
+        vae_cfg = VAEConfig.from_diffusers(vae)
+        te_cfg = CLIPTextConfig.from_transformers(text, has_projection)
     except (ValueError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: {e}") from e
+        raise CheckpointError(f"{where}: {e}") from e
+    if not unet_cfg.in_channels == unet_cfg.out_channels == vae_cfg.latent_channels:
+        raise CheckpointError(f"{where}: the U-Net takes {unet_cfg.in_channels} channels and predicts "
+                              f"{unet_cfg.out_channels} for a {vae_cfg.latent_channels}-channel VAE: inpainting and "
+                              "instruct-pix2pix U-Nets are not supported")
+    if te_cfg.hidden_size != unet_cfg.context_dim:
+        raise CheckpointError(f"{where}: the text encoder is {te_cfg.hidden_size} wide but the U-Net cross-attends "
+                              f"to {unet_cfg.context_dim}: these networks do not belong together")
+    return unet_cfg, vae_cfg, te_cfg
 
 
 def _load_diffusers_part(folder: Path, component: str, build, device, dtype) -> nn.Module:
     weights = find_weights(folder)
-    return materialize(build, _diffusers_sources(component, weights), weights,
+    return materialize(build, sources_from_rules(layouts.diffusers_rules(component, weights.keys())), weights,
                        component=component, device=device, dtype=dtype)
 
 
@@ -261,15 +259,14 @@ def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -
         configs = layouts.infer_configs(shapes, global_step=_global_step(weights), overrides=overrides)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    unet_cfg = UNetConfig.from_diffusers(configs["unet"])
-    vae_cfg = VAEConfig.from_diffusers(configs["vae"])
-    te_cfg = CLIPTextConfig.from_transformers(configs["text_encoder"], has_projection=False)
+    unet_cfg, vae_cfg, te_cfg = _network_configs(configs["unet"], configs["vae"], configs["text_encoder"],
+                                                 has_projection=False, where=path)
     builds = {"unet": lambda: UNet(unet_cfg), "vae": lambda: AutoencoderKL(vae_cfg),
               "text_encoder": lambda: CLIPTextModel(te_cfg)}
     nets = {}
     for component, build in builds.items():
         rules = layouts.original_rules(component, configs[component])
-        sources = {r.target: Source(r.source, layouts.transform(r.transform)) for r in rules}
+        sources = sources_from_rules(rules)
         used = {r.source for r in rules}
         unexpected = [k for k in shapes if layouts.component_of(k) == component and k not in used
                       and not layouts.is_ignored(k, configs)]

@@ -22,7 +22,7 @@ tests/test_layouts.py checks the table against diffusers' single_file_utils conv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -582,3 +582,30 @@ def to_original(
     for source, parts in fused.items():
         out[source] = torch.cat([parts["q"], parts["k"], parts["v"]])  # [3W, ...]
     return out
+
+
+# -- The diffusers folder layout ---------------------------------------------------------------------------------
+# sdfast's parameter names are diffusers' / transformers' own keys, so this layout needs only three exceptions.
+
+# diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn (as 1x1 convs in even older
+# files); such folders are still common (e.g. the SD 1.5 release).
+LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def diffusers_rules(component: str, keys: Iterable[str]) -> list[Rule]:
+    """Rules for a diffusers component folder's keys; keys we do not know map to themselves (and so are reported
+    as unexpected by the loader)."""
+    rules = []
+    for key in keys:
+        name, how = key, "copy"
+        if component == "text_encoder":
+            name = key.removeprefix("text_model.")  # transformers < 5 nests the model; transformers 5 does not
+            if name == "embeddings.position_ids":  # a constant arange buffer saved by older transformers
+                continue
+        if component == "vae" and ".attentions." in name:
+            for old, new in LEGACY_VAE_ATTENTION.items():
+                if f".{old}." in name:
+                    name = name.replace(f".{old}.", f".{new}.")
+                    how = "conv_to_linear" if name.endswith(".weight") else "copy"
+        rules.append(Rule(name, key, how))
+    return rules

@@ -73,6 +73,35 @@ def test_ckpt_loads_through_weights_only(single, tmp_path):
     assert_same_tensors(sdfast.load(ckpt, overrides=OVERRIDES[family]), sdfast.load(ref.path))
 
 
+def test_sd2_base_ckpt_is_epsilon_by_its_global_step(sd2, tmp_path):
+    """SD 2.0-base's 512-base-ema.ckpt is the 2.x file at global_step 875000: epsilon prediction at 512 px; other
+    2.x files are v-prediction at 768 px. CompVis .ckpt files keep the step beside the state dict."""
+    state = original_state(sd2)
+    for step, prediction in ((875000, "epsilon"), (1000, "v_prediction")):
+        torch.save({"state_dict": state, "global_step": step}, tmp_path / "m.ckpt")
+        pipe = sdfast.load(tmp_path / "m.ckpt", overrides={**OVERRIDES["sd2"], "unet": {
+            k: v for k, v in OVERRIDES["sd2"]["unet"].items() if k != "sample_size"}})
+        assert pipe.scheduler_config["prediction_type"] == prediction
+        assert pipe.unet.config.sample_size == {"epsilon": 64, "v_prediction": 96}[prediction]
+
+
+def test_single_file_missing_key_is_named(sd1, tmp_path):
+    state = original_state(sd1)
+    del state["model.diffusion_model.out.2.bias"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unet: the checkpoint does not match the network .*missing 1 keys: "
+                                              r"conv_out.bias"):
+        sdfast.load(tmp_path / "m.safetensors", overrides=OVERRIDES["sd1"])
+
+
+def test_inpainting_unet_is_refused_at_load(folder_copy):
+    config = folder_copy / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 9}))
+    with pytest.raises(CheckpointError, match=r"the U-Net takes 9 channels and predicts 4 for a 4-channel VAE: "
+                                              r"inpainting and instruct-pix2pix U-Nets are not supported"):
+        sdfast.load(folder_copy)
+
+
 def test_ckpt_with_code_is_refused(tmp_path):
     class Payload:  # a pickle that would run code on load
         def __reduce__(self):
@@ -155,8 +184,7 @@ def test_config_that_does_not_match_the_weights(folder_copy):
 def test_unsupported_config_option(folder_copy):
     config = folder_copy / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "addition_embed_type": "text_time"}))
-    with pytest.raises(CheckpointError, match=r"config.json: unet config addition_embed_type='text_time' is not "
-                                              r"supported"):
+    with pytest.raises(CheckpointError, match=r"model: unet config addition_embed_type='text_time' is not supported"):
         sdfast.load(folder_copy)
 
 

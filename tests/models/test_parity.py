@@ -90,7 +90,8 @@ def test_projected_pooled_output(tmp_path):
     """A text encoder saved with a projection (CLIPTextModelWithProjection) returns the projected pooled output."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from sdfast.checkpoint import WeightFile, _diffusers_sources, materialize
+    from sdfast import layouts
+    from sdfast.checkpoint import WeightFile, materialize, sources_from_rules
     from sdfast.models import CLIPTextConfig as OurConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -100,7 +101,8 @@ def test_projected_pooled_output(tmp_path):
     ref.save_pretrained(tmp_path)
     weights = WeightFile([tmp_path / "model.safetensors"])
     ours = materialize(lambda: CLIPTextModel(OurConfig.from_transformers(cfg.to_dict(), has_projection=True)),
-                       _diffusers_sources("text_encoder", weights), weights, component="text_encoder")
+                       sources_from_rules(layouts.diffusers_rules("text_encoder", weights.keys())),
+                       weights, component="text_encoder")
     ids = torch.randint(1, 998, (2, 16))
     ids[0, 5], ids[1, 11] = 999, 999
     with torch.no_grad():
