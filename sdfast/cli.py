@@ -1,4 +1,7 @@
-"""The ``sdfast`` command: ``generate`` (text to image) and ``img2img``.
+"""The ``sdfast`` command: ``generate`` (text to image), ``img2img`` and ``interpolate`` (a strip of frames
+morphing one prompt's image into another's).
+
+Without ``--model`` (or ``$SDFAST_MODEL``) it runs the small shapes model that ships with sdfast.
 
 Bad input (size, steps, scheduler, strength, unreadable image, missing or broken model) prints one line naming
 the problem and exits with code 2; nothing reaches the user as a traceback.
@@ -10,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -20,25 +24,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdfast", description="Fast, measured Stable Diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-o", "--output", default="out.png", help="output PNG (with --batch N: out-0.png, ...)")
-    common.add_argument("--model", default=os.environ.get("SDFAST_MODEL"),
-                        help="diffusers folder or original-layout .safetensors/.ckpt (default: $SDFAST_MODEL)")
-    common.add_argument("--negative", default=None, help="negative prompt")
-    common.add_argument("--steps", type=int, default=30)
-    common.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
-    common.add_argument("--scheduler", default="euler")
-    common.add_argument("--seed", type=int, default=None, help="default: random (printed, to reproduce)")
-    common.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's size)")
-    common.add_argument("--height", type=int, default=None)
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("-o", "--output", default="out.png", help="output PNG (with --batch N: out-0.png, ...)")
+    base.add_argument("--model", default=os.environ.get("SDFAST_MODEL"),
+                      help="diffusers folder or original-layout .safetensors/.ckpt (default: $SDFAST_MODEL, "
+                           "else the shapes model that ships with sdfast)")
+    base.add_argument("--negative", default=None, help="negative prompt")
+    base.add_argument("--steps", type=int, default=30)
+    base.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    base.add_argument("--scheduler", default="euler")
+    base.add_argument("--seed", type=int, default=None, help="default: random (printed, to reproduce)")
+    base.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's size)")
+    base.add_argument("--height", type=int, default=None)
+    base.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    base.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+
+    common = argparse.ArgumentParser(add_help=False, parents=[base])
     common.add_argument("--batch", type=int, default=1, help="images per prompt")
     common.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer, 2 = penultimate, ...")
     common.add_argument("--long-prompts", action="store_true", help="encode prompts over 75 tokens in chunks")
     common.add_argument("--previews", type=Path, default=None, help="folder for step-by-step previews")
     common.add_argument("--preview-every", type=int, default=1, help="with --previews: every N steps")
-    common.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    common.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
     common.add_argument("--timings", type=Path, default=None, help="write the per-step timings as JSON here")
+    common.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt (--model may then be a "
+                        "folder written by `sdfast export`)")
 
     gen = sub.add_parser("generate", parents=[common], help="text to image")
     gen.add_argument("prompt")
@@ -46,11 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     i2i.add_argument("image", type=Path)
     i2i.add_argument("prompt")
     i2i.add_argument("--strength", type=float, default=0.8, help="0: keep the image, 1: ignore it")
+    inter = sub.add_parser("interpolate", parents=[base], help="a strip of frames from one prompt to another")
+    inter.add_argument("prompt_a")
+    inter.add_argument("prompt_b")
+    inter.add_argument("--frames", type=int, default=8, help="frames in the strip, both ends included")
+    inter.add_argument("--seed-b", type=int, default=None, help="noise of the last frame (default: --seed's)")
+    inter.set_defaults(output="strip.png", seed=0)  # a fixed seed: the same command redraws the same strip
+    _deployment_parsers(sub)
     return parser
 
 
 def _check_args(args) -> None:
     """Everything that can be checked before the (slow) model load."""
+    from .interpolate import STOCHASTIC_SCHEDULERS
     from .schedulers import SCHEDULERS
 
     for name in ("width", "height"):
@@ -59,10 +76,16 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name} {value} is not a positive multiple of 8")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: need at least 1")
-    if args.batch < 1:
+    if getattr(args, "batch", 1) < 1:
         raise ValueError(f"--batch {args.batch}: need at least 1")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(sorted(SCHEDULERS))}")
+    if args.command == "interpolate":
+        if args.frames < 2:
+            raise ValueError(f"--frames {args.frames}: need at least 2 (the two ends)")
+        if args.scheduler in STOCHASTIC_SCHEDULERS:
+            raise ValueError(f"--scheduler {args.scheduler} adds fresh noise at every step; interpolate with a "
+                             "deterministic one (euler, ddim, dpmpp_2m, ...)")
     if args.command == "img2img":
         if not 0.0 <= args.strength <= 1.0:
             raise ValueError(f"--strength {args.strength} is outside [0, 1]")
@@ -73,10 +96,7 @@ def _check_args(args) -> None:
                 im.verify()
         except (OSError, SyntaxError) as e:
             raise ValueError(f"cannot read image {args.image}: {e}") from e
-    if not args.model:
-        raise ValueError("no model: pass --model PATH (a diffusers folder or a .safetensors file) "
-                         "or set SDFAST_MODEL")
-    if not Path(args.model).exists():
+    if args.model and not Path(args.model).exists():
         raise ValueError(f"model {args.model} does not exist")
 
 
@@ -92,8 +112,12 @@ def run(args) -> None:
 
     _check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    pipe = sdfast.load(args.model, device=device, dtype=dtype)
+    exported = args.model and (Path(args.model) / "manifest.json").is_file()  # runs in its export's dtype
+    dtype = args.dtype or (None if exported else "fp16" if device.startswith("cuda") else "fp32")
+    pipe = sdfast.load(args.model or None, device=device, dtype=dtype, backend=getattr(args, "backend", "torch"))
+    if args.command == "interpolate":
+        run_interpolate(pipe, args)
+        return
     image = args.image if args.command == "img2img" else None
     # no total: img2img and two-evaluation schedulers (heun) run a different number of model calls than --steps
     bar = tqdm(desc="denoising", unit="step", file=sys.stderr, leave=False)
@@ -124,10 +148,77 @@ def run(args) -> None:
     print(f"{', '.join(map(str, outputs))} (seed {result.seed}): {result.timings.summary()}")
 
 
+def run_interpolate(pipe, args) -> None:
+    from .interpolate import interpolate, strip
+
+    start = time.perf_counter()
+    frames = interpolate(pipe, args.prompt_a, args.prompt_b, args.frames, seed=args.seed, seed_b=args.seed_b,
+                         steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+                         negative_prompt=args.negative, width=args.width, height=args.height)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    strip(frames).save(output)
+    print(f"{output}: {len(frames)} frames, {args.prompt_a!r} -> {args.prompt_b!r} (seed {args.seed}"
+          f"{'' if args.seed_b is None else f', {args.seed_b}'}), {time.perf_counter() - start:.1f} s")
+
+
+# -- deployment: `sdfast export` (ONNX graphs) and `sdfast build` (TensorRT engines); see sdfast.export --
+
+
+def _deployment_parsers(sub) -> None:
+    exp = sub.add_parser("export", help="ONNX graphs of the three networks, checked on ONNX Runtime")
+    exp.add_argument("model", help="diffusers folder or original-layout .safetensors/.ckpt")
+    exp.add_argument("-o", "--output", type=Path, required=True, help="folder for the graphs and manifest.json")
+    exp.add_argument("--dtype", default="fp32", help="fp32 or fp16 graphs (default fp32)")
+    exp.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: GroupNormalization)")
+    build = sub.add_parser("build", help="TensorRT engines from a folder written by `sdfast export`")
+    build.add_argument("folder", type=Path)
+    build.add_argument("--sizes", nargs="+", default=None,
+                       help="image sizes, one optimisation profile each: WxH or a WxH-WxH range "
+                            "(default: the model's own size)")
+    build.add_argument("--batch", nargs="+", type=int, default=[1], help="smallest and largest batch (default 1)")
+    build.add_argument("--prompt-chunks", type=int, default=1, help="77-token chunks per prompt, for long prompts")
+    build.add_argument("--fp16", action="store_true", help="fp16 engines (from an fp16 export, or full "
+                       "TensorRT's mixed precision on fp32 graphs)")
+
+
+def run_export(args) -> None:
+    import sdfast
+    from sdfast.export.onnx import export_pipeline
+
+    if args.dtype not in ("fp32", "fp16"):
+        raise ValueError(f"--dtype {args.dtype}: ONNX export writes fp32 or fp16 graphs")
+    if not Path(args.model).exists():
+        raise ValueError(f"model {args.model} does not exist")
+    start = time.perf_counter()
+    pipe = sdfast.load(args.model, device="cpu", dtype=args.dtype)
+    manifest = export_pipeline(pipe, args.output, opset=args.opset, log=print)
+    worst = max(err for net in manifest["networks"].values() for err in net["check"]["rel_err"].values())
+    print(f"{args.output}: {len(manifest['networks'])} graphs ({args.dtype}, opset {args.opset}) and manifest.json "
+          f"in {time.perf_counter() - start:.0f} s; largest relative error on ONNX Runtime {worst:.1e}")
+
+
+def run_build(args) -> None:
+    from sdfast.export.onnx import read_manifest
+    from sdfast.export.tensorrt import Shapes, build_engines, flavour, gpu
+
+    if not args.folder.is_dir():
+        raise ValueError(f"export folder {args.folder} does not exist: run `sdfast export MODEL -o FOLDER` first")
+    configs = read_manifest(args.folder)["configs"]
+    side = configs["unet"]["sample_size"] * 2 ** (len(configs["vae"]["block_channels"]) - 1)
+    shapes = Shapes.parse(args.sizes or [f"{side}x{side}"], args.batch, args.prompt_chunks)
+    start = time.perf_counter()
+    engines = build_engines(args.folder, shapes, fp16=args.fp16, log=print)
+    info = flavour()
+    built = sum(not e.cached for e in engines.values())
+    print(f"{args.folder / 'engines'}: {built} built, {len(engines) - built} from the cache, with "
+          f"{info['flavour']} {info['version']} for GPU {gpu()}, in {time.perf_counter() - start:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        run(args)
+        {"export": run_export, "build": run_build}.get(args.command, run)(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # CheckpointError is a ValueError
         print(f"sdfast {args.command}: error: {e}", file=sys.stderr)
         return 2

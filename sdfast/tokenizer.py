@@ -98,6 +98,26 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
+def write_clip_tokenizer(folder, pad_token: str = "<|endoftext|>") -> pathlib.Path:
+    """Writes the bundled CLIP vocabulary as a diffusers ``tokenizer/`` folder (vocab.json, merges.txt,
+    tokenizer_config.json, special_tokens_map.json), laid out as the SD releases ship it, so transformers'
+    ``CLIPTokenizer`` reads it too. ``pad_token``: "<|endoftext|>" for SD 1.x, "!" for SD 2.x. Returns the folder."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocabulary()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    specials = {**SD_SPECIAL_TOKENS, "pad_token": pad_token}
+    # tokenizer_config.json tags its dicts as the SD repositories' files do; special_tokens_map.json does not.
+    tagged = {k: {"__type": "AddedToken", **v} if isinstance(v, dict) else v for k, v in specials.items()}
+    config = {**tagged, "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
+              "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    return folder
+
+
 def _read_json(path: pathlib.Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -158,6 +178,26 @@ class Tokenizer:
 
         bos, eos, pad = (_content(specials[k]) for k in ("bos_token", "eos_token", "pad_token"))
         return cls(backend, bos, eos, pad, max_length=max_length)
+
+    def save(self, folder) -> None:
+        """Writes tokenizer.json, special_tokens_map.json and tokenizer_config.json, which ``from_folder`` reads
+        back to the same ids (export folders carry their tokenizer this way)."""
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(folder / "tokenizer.json"))
+        added = self._backend.get_added_tokens_decoder()  # id -> AddedToken, with the flags that won
+
+        def spec(token_id: int) -> dict:
+            t = added[token_id]
+            return {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip, "single_word": t.single_word,
+                    "normalized": t.normalized}
+
+        unk_id = self._token_id(self._backend.model.unk_token)
+        specials = {"bos_token": spec(self.bos_id), "eos_token": spec(self.eos_id), "unk_token": spec(unk_id),
+                    "pad_token": spec(self.pad_id)}
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=1), encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": self.max_length}),
+                                                      encoding="utf-8")
 
     def _ids(self, prompts: list[str]) -> list[list[int]]:
         """Token ids per prompt, without bos/eos."""

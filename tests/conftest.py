@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_vocab import write_clip_tokenizer
+from sdfast.tokenizer import write_clip_tokenizer
 
 SD1 = dict(
     unet=dict(block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -91,3 +91,45 @@ def ref(request) -> Reference:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of ``a`` against the reference ``b``."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# -- ONNX exports of the tiny models, made once per session for tests/export/ (ONNX, TensorRT, backends, CLI) --
+
+
+@dataclass
+class Exported:
+    folder: Path  # written by sdfast export (manifest.json, the graphs, tokenizer/, scheduler/)
+    torch: object  # the torch Pipeline the graphs were exported from
+    cache: Path | None = None  # the on-the-fly export cache the folder sits in, if any
+
+
+def _needs_onnx() -> None:
+    from sdfast.export.onnx import HAS_ONNX, HAS_ONNXRUNTIME
+
+    if not (HAS_ONNX and HAS_ONNXRUNTIME):
+        pytest.skip('ONNX export needs the onnx extra (onnx, onnxslim, onnxscript, onnxruntime): '
+                    'pip install -e ".[onnx]"')
+
+
+@pytest.fixture(scope="session")
+def sd1_onnx(sd1, tmp_path_factory) -> Exported:
+    """sd1 in fp32, exported on the fly by ``sdfast.load(..., backend="onnxruntime")`` into a fresh cache."""
+    import sdfast
+    from sdfast.export.onnx import cached_export
+
+    _needs_onnx()
+    cache = tmp_path_factory.mktemp("sdfast-cache")
+    pipe = sdfast.load(sd1.path)
+    return Exported(cached_export(pipe, cache), pipe, cache)
+
+
+@pytest.fixture(scope="session")
+def sd2_fp16_onnx(sd2, tmp_path_factory) -> Exported:
+    """sd2 (linear projections, fp32-upcast attention, projected pooled output) in fp16, through `sdfast export`."""
+    import sdfast
+    from sdfast.cli import main
+
+    _needs_onnx()
+    folder = tmp_path_factory.mktemp("sd2-fp16") / "onnx"
+    assert main(["export", str(sd2.path), "-o", str(folder), "--dtype", "fp16"]) == 0
+    return Exported(folder, sdfast.load(sd2.path, dtype="fp16"))

@@ -55,10 +55,9 @@ def test_bad_input_exits_2_with_one_line(sd1, tmp_path, capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1 and err.startswith("sdfast ")
 
 
-def test_missing_model_from_the_installed_command(tmp_path, monkeypatch):
-    monkeypatch.delenv("SDFAST_MODEL", raising=False)
-    proc = subprocess.run([sys.executable, "-m", "sdfast.cli", "generate", "a cat", "-o", str(tmp_path / "o.png")],
-                          capture_output=True, text=True)
+def test_missing_model_from_the_installed_command(tmp_path):
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, "-m", "sdfast.cli", "generate", "a cat", "--model", str(missing),
+                           "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("sdfast generate: error: no model: pass --model PATH (a diffusers folder or a "
-                                   ".safetensors file) or set SDFAST_MODEL")
+    assert proc.stderr.strip() == f"sdfast generate: error: model {missing} does not exist"

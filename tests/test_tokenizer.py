@@ -8,8 +8,7 @@ import warnings
 import pytest
 import torch
 
-from clip_vocab import write_clip_tokenizer
-from sdfast.tokenizer import Tokenizer
+from sdfast.tokenizer import Tokenizer, write_clip_tokenizer
 
 BOS, EOS = 49406, 49407
 PADS = {"sd1": ("<|endoftext|>", 49407), "sd2": ("!", 0)}

@@ -137,6 +137,21 @@ class CLIPTextModel(nn.Module):
                 hidden = x
         last = self.final_layer_norm(x)
         hidden = last if clip_skip == 1 else self.final_layer_norm(hidden)
+        return hidden, self.pool(input_ids, last)
+
+    def all_layers(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's hidden state through the final LayerNorm, stacked (B, L, N, C), and the pooled output: what
+        any ``clip_skip`` picks from (``[:, L - clip_skip]``), in one call. The exported text-encoder graph is this."""
+        x = self.embeddings(input_ids)  # (B, N, C)
+        states = []
+        for layer in self.encoder.layers:
+            x = layer(x)
+            states.append(self.final_layer_norm(x))
+        return torch.stack(states, dim=1), self.pool(input_ids, states[-1])  # (B, L, N, C), (B, P)
+
+    def pool(self, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The end-of-text token's row of the last (normalised) hidden state (B, C), projected when there is a
+        text_projection."""
         if self.config.eos_token_id == 2:
             eos = input_ids.argmax(dim=-1)
         else:
@@ -144,4 +159,4 @@ class CLIPTextModel(nn.Module):
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]  # (B, C)
         if self.config.projection_dim is not None:
             pooled = self.text_projection(pooled)
-        return hidden, pooled
+        return pooled

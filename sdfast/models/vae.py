@@ -159,17 +159,28 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image (B, 3, H, W) in [-1, 1] -> scaled latent (B, 4, H/8, W/8), sampled from the posterior.
-
-        The posterior noise is drawn like diffusers' ``latent_dist.sample(generator)`` (one randn of the mean's
-        shape), so a seeded generator gives the reference's img2img latents."""
+    def posterior(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (B, 3, H, W) in [-1, 1] -> the latent posterior's (mean, logvar), each (B, 4, H/8, W/8), unscaled.
+        The deterministic part of ``encode``: what an exported VAE-encoder graph computes."""
         mean, logvar = self.quant_conv(self.encoder(image)).chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                            device=generator.device if generator is not None else mean.device).to(mean.device)
-        return (mean + std * noise) * self.config.scaling_factor
+        return mean, logvar
+
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image (B, 3, H, W) in [-1, 1] -> scaled latent (B, 4, H/8, W/8), sampled from the posterior."""
+        return sample_posterior(*self.posterior(image), generator, self.config.scaling_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w) in about [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(latents / self.config.scaling_factor))
+
+
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None,
+                     scaling_factor: float) -> torch.Tensor:
+    """A scaled latent drawn from the posterior N(mean, exp(logvar)); shared by every backend's ``vae.encode``.
+
+    The noise is drawn like diffusers' ``latent_dist.sample(generator)`` (one randn of the mean's shape, on the
+    generator's device), so a seeded generator gives the reference's img2img latents."""
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                        device=generator.device if generator is not None else mean.device).to(mean.device)
+    return (mean + std * noise) * scaling_factor

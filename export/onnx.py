@@ -1,0 +1,431 @@
+"""ONNX export of the three networks: one graph per network, cleaned with onnxslim, checked on ONNX Runtime's CPU
+provider against the torch model, and described by a ``manifest.json`` that lets the folder load on its own.
+
+The four graphs and their signatures (what the ``onnxruntime`` and ``tensorrt`` backends call):
+
+| file | inputs | outputs |
+|---|---|---|
+| ``text_encoder.onnx`` | ``input_ids`` (B, 77) int64 | ``hidden_states`` (B, L, 77, C): every layer through the final LayerNorm, ``pooled`` (B, P) |
+| ``unet.onnx`` | ``sample`` (B, 4, h, w), ``timestep`` (B,) fp32, ``context`` (B, 77*K, C) | ``noise`` (B, 4, h, w) |
+| ``vae_decoder.onnx`` | ``latent`` (B, 4, h, w), scaled | ``image`` (B, 3, 8h, 8w) |
+| ``vae_encoder.onnx`` | ``image`` (B, 3, H, W) | ``mean``, ``logvar`` (B, 4, H/8, W/8): the posterior, unscaled |
+
+Batch, sizes and the context length are dynamic axes. The exporter is torch's default, ``torch.onnx.export(...,
+dynamo=True)`` (torch.export + onnxscript): at opset >= 21 it writes GroupNorm as one ``GroupNormalization`` node
+(with per-channel scale and bias) and shape arithmetic as a handful of ops; older opsets get the decomposed form
+(Reshape + InstanceNormalization + Mul + Add). The legacy TorchScript exporter (``dynamo=False``) is about 25x faster on
+the tiny test models but decomposes GroupNorm at every opset and needs twice the nodes; see the README.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+try:
+    import onnx
+    import onnxslim
+
+    HAS_ONNX = True
+except ImportError:  # the `onnx` extra: pip install "sdfast[onnx]"
+    HAS_ONNX = False
+
+try:
+    import onnxruntime
+
+    HAS_ONNXRUNTIME = True
+except ImportError:
+    HAS_ONNXRUNTIME = False
+
+MANIFEST = "manifest.json"
+FORMAT = "sdfast-onnx/1"  # bump when the graphs' signatures change: older folders are then refused
+NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DEFAULT_OPSET = 21  # the first opset with GroupNormalization-21 (per-channel scale and bias)
+MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up
+# Relative L2 error of each graph on ONNX Runtime (CPU) against the torch model in the same dtype. fp32 graphs
+# measure ~1e-6; fp16 ones up to ~2e-3, as ORT upcasts the ops it has no fp16 kernel for and torch does not.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+# Protobuf cannot serialise a message over 2 GiB: bigger graphs keep their weights in ``NAME.onnx.data``.
+EXTERNAL_DATA_BYTES = 2**31 - 1
+
+
+class ExportError(ValueError):
+    """An export that cannot be done, or a graph that does not compute what the torch model computes (a
+    ValueError, like CheckpointError, so the CLI reports it in one line)."""
+
+
+def require_onnx(what: str = "ONNX export") -> None:
+    """Raises a clear error when the optional ONNX packages are missing (``import sdfast`` never needs them)."""
+    missing = [name for name, ok in (("onnx + onnxslim", HAS_ONNX), ("onnxruntime", HAS_ONNXRUNTIME)) if not ok]
+    if missing:
+        raise ExportError(f"{what} needs {' and '.join(missing)}: pip install \"sdfast[onnx]\"")
+
+
+# -- the graphs: thin modules around the torch networks, with the signatures in the table above --
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_encoder.all_layers(input_ids)  # (B, L, 77, C), (B, P)
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, context)
+
+
+class VAEDecoderGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent)
+
+
+class VAEEncoderGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae.posterior(image)
+
+
+@dataclass
+class GraphSpec:
+    """One network's graph: its module, named example inputs with their dynamic axes, and its output names."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    dynamic: dict[str, dict[int, str]]  # input name -> {axis: name}
+    outputs: tuple[str, ...]
+
+    def example(self, batch: int, latent: tuple[int, int], tokens: int, seed: int) -> dict[str, torch.Tensor]:
+        """Inputs like the export example at another batch, latent size (h, w) and context length."""
+        g = torch.Generator().manual_seed(seed)
+        sizes = {"batch": batch, "height": latent[0], "width": latent[1], "tokens": tokens,
+                 "image_height": 8 * latent[0], "image_width": 8 * latent[1]}
+        out = {}
+        for name, t in self.inputs.items():
+            shape = list(t.shape)
+            for axis, axis_name in self.dynamic[name].items():
+                shape[axis] = sizes[axis_name]
+            if t.dtype == torch.int64:  # token ids: reuse the example's real prompts, which hold an eos each
+                out[name] = t[torch.arange(batch) % t.shape[0]]
+            elif name == "timestep":
+                out[name] = torch.rand(shape, generator=g) * 999
+            else:
+                out[name] = torch.randn(shape, generator=g).to(t.dtype)
+        return out
+
+
+def graph_specs(pipe, latent: int = 16) -> list[GraphSpec]:
+    """The four graphs of a loaded torch ``Pipeline``, with example inputs at batch 2 and a ``latent`` x ``latent``
+    latent. The default 16 keeps the U-Net's deepest level above 1x1 for SD's three halvings, so torch.export sees
+    no size-1 axis it would specialise on."""
+    dtype = pipe.dtype
+    g = torch.Generator().manual_seed(0)
+    ids = pipe.tokenizer.encode(["a photograph of an astronaut riding a horse", "a red circle"])[:, 0]  # (2, 77)
+    unet, vae, te = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    image = 8 * latent
+    return [
+        GraphSpec("text_encoder", TextEncoderGraph(pipe.text_encoder), {"input_ids": ids},
+                  {"input_ids": {0: "batch"}}, ("hidden_states", "pooled")),
+        GraphSpec("unet", UNetGraph(pipe.unet),
+                  {"sample": torch.randn(2, unet.in_channels, latent, latent, generator=g).to(dtype),
+                   "timestep": torch.tensor([999.0, 500.0]),  # fp32 in every dtype: the embedding is fp32 maths
+                   "context": torch.randn(2, te.max_positions, unet.context_dim, generator=g).to(dtype)},
+                  {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+                   "context": {0: "batch", 1: "tokens"}}, ("noise",)),
+        GraphSpec("vae_decoder", VAEDecoderGraph(pipe.vae),
+                  {"latent": torch.randn(2, vae.latent_channels, latent, latent, generator=g).to(dtype)},
+                  {"latent": {0: "batch", 2: "height", 3: "width"}}, ("image",)),
+        GraphSpec("vae_encoder", VAEEncoderGraph(pipe.vae),
+                  {"image": (torch.rand(2, vae.in_channels, image, image, generator=g) * 2 - 1).to(dtype)},
+                  {"image": {0: "batch", 2: "image_height", 3: "image_width"}}, ("mean", "logvar")),
+    ]
+
+
+# -- export, cleanup, check --
+
+
+@dataclass
+class NetworkReport:
+    """What exporting one network did and measured (it goes into the manifest)."""
+
+    file: str
+    sha256: str  # of the .onnx file and its external data, if any
+    bytes: int
+    external_data: str | None
+    inputs: list[dict]  # [{"name", "shape" (ints and axis names), "dtype"}]
+    outputs: list[dict]
+    slim: dict  # {"nodes_before", "nodes_after", "removed": {op: n}, "added": {op: n}}
+    check: dict  # {"rel_err": {output: err}, "tolerance", "provider", "shapes"}
+    export_s: float
+
+
+def _quiet_export():
+    """torch.onnx prints progress lines and a warning per missing torchvision op; the caller reports instead."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    for name in ("torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._core",
+                 "onnxscript", "torch.export"):
+        logger = logging.getLogger(name)
+        stack.callback(logger.setLevel, logger.level)
+        logger.setLevel(logging.ERROR)
+    return stack
+
+
+def to_onnx(spec: GraphSpec, opset: int) -> "onnx.ModelProto":
+    """Export one graph with torch's dynamo-based exporter; dynamic axes named as in ``spec.dynamic``."""
+    with _quiet_export(), torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(
+            spec.module.eval(), tuple(spec.inputs.values()), dynamo=True, opset_version=opset, verbose=False,
+            input_names=list(spec.inputs), output_names=list(spec.outputs), optimize=True,
+            dynamic_shapes=tuple(spec.dynamic[name] for name in spec.inputs))
+    return program.model_proto
+
+
+def op_counts(model: "onnx.ModelProto") -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def slim(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict]:
+    """Clean a graph with onnxslim (constant folding, dead-node removal, shape-op simplification, pattern fusion)
+    and report what it changed, op by op."""
+    before = op_counts(model)
+    # no_shape_infer: torch's exporter has annotated the shapes already, the result is the same on our graphs,
+    # and onnxslim's fallback inference serialises the graph, which fails past 2 GiB (the SD 1.5 U-Net in fp32)
+    slimmed = onnxslim.slim(model, no_shape_infer=True)
+    after = op_counts(slimmed)
+    return slimmed, {"nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
+                     "removed": dict(sorted((before - after).items())), "added": dict(sorted((after - before).items()))}
+
+
+def save(model: "onnx.ModelProto", path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> str | None:
+    """Write ``path``; weights go to ``path.name + '.data'`` beside it when they pass ``external_data_bytes``.
+    Returns the external data file's name, or None."""
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    weights = sum(t.ByteSize() for t in model.graph.initializer)  # model.ByteSize() itself fails past 2 GiB
+    if weights <= external_data_bytes:
+        onnx.save(model, str(path))
+        return None
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    return data.name
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of an ONNX file and its external data file, if any: what an engine is keyed by."""
+    h = hashlib.sha256()
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def io_description(model: "onnx.ModelProto") -> tuple[list[dict], list[dict]]:
+    def describe(values):
+        return [{"name": v.name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
+                for v in values]
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def ort_session(path: Path, providers: list | None = None) -> "onnxruntime.InferenceSession":
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT warns about every fp16 node it runs through a cast on CPU
+    # torch runs the scheduler between graph calls: ORT threads spinning after each run would steal its cores
+    # (measured on 2 cores: a U-Net run + a torch matmul took 4.0 ms spinning, 2.7 ms not)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against the reference ``b``."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@torch.inference_mode()
+def check(spec: GraphSpec, path: Path, dtype: str, inputs: dict[str, torch.Tensor] | None = None) -> dict:
+    """Run the graph on ONNX Runtime's CPU provider and the torch module on the same inputs; raise ExportError
+    when any output's relative error passes the dtype's tolerance. Default inputs: batch 3, a 16x24 latent and a
+    two-chunk context, all unlike the export's example, so a wrongly frozen axis shows up here."""
+    if inputs is None:
+        inputs = spec.example(3, (16, 24), 154, seed=1)
+    session = ort_session(path)
+    got = session.run(list(spec.outputs), {name: t.numpy() for name, t in inputs.items()})
+    want = spec.module(*inputs.values())
+    want = want if isinstance(want, tuple) else (want,)
+    errors = {name: rel_err(torch.from_numpy(g), w) for name, g, w in zip(spec.outputs, got, want)}
+    tolerance = TOLERANCE[dtype]
+    report = {"rel_err": errors, "tolerance": tolerance, "provider": "CPUExecutionProvider",
+              "shapes": {name: list(t.shape) for name, t in inputs.items()}}
+    bad = {name: err for name, err in errors.items() if not err < tolerance}  # NaN fails too
+    if bad:
+        raise ExportError(f"{path.name} does not match the torch model on ONNX Runtime (CPU): relative error "
+                          f"{bad} over the {dtype} tolerance {tolerance}")
+    return report
+
+
+def export_network(spec: GraphSpec, folder: Path, opset: int, dtype: str, *, check_graph: bool = True,
+                   external_data_bytes: int = EXTERNAL_DATA_BYTES) -> NetworkReport:
+    start = time.perf_counter()
+    model, slim_report = slim(to_onnx(spec, opset))
+    path = folder / f"{spec.name}.onnx"
+    external = save(model, path, external_data_bytes)
+    export_s = time.perf_counter() - start
+    inputs, outputs = io_description(model)
+    report = check(spec, path, dtype) if check_graph else {}
+    size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
+    return NetworkReport(path.name, file_hash(path), size, external, inputs, outputs, slim_report, report,
+                         round(export_s, 2))
+
+
+# -- the whole pipeline, the manifest, and reading it back --
+
+
+def weights_hash(pipe) -> str:
+    """sha256 over the three networks' configs and parameters (names, dtypes, shapes, bytes): the model hash of
+    the manifest and the key of the on-the-fly export cache. Independent of where or how the weights were stored."""
+    h = hashlib.sha256()
+    for name in ("text_encoder", "unet", "vae"):
+        net = getattr(pipe, name)
+        h.update(json.dumps([name, dataclasses.asdict(net.config)], sort_keys=True).encode())
+        for key, t in sorted(net.state_dict().items()):
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata
+
+    import onnxscript
+
+    return {"sdfast": importlib.metadata.version("sdfast"), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__, "onnxslim": onnxslim.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.float32: "fp32", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ExportError(f"ONNX export supports fp32 and fp16, not {dtype}: load the model with dtype='fp16' "
+                          "or 'fp32'")
+    return names[dtype]
+
+
+def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: bool = True,
+                    external_data_bytes: int = EXTERNAL_DATA_BYTES, networks=NETWORKS, model_hash: str | None = None,
+                    log=None) -> dict:
+    """Export a loaded torch ``Pipeline`` (on the CPU, in fp32 or fp16) to ``folder``: one ONNX file per network,
+    the tokenizer, the scheduler config and ``manifest.json``. Each graph is slimmed, then checked on ONNX Runtime
+    against the torch model (``check_graphs``). Returns the manifest. ``log(line)`` hears about each network;
+    ``model_hash`` saves hashing the weights again when the caller has done it."""
+    require_onnx()
+    dtype = _dtype_name(pipe.dtype)
+    if pipe.device.type != "cpu":
+        raise ExportError(f"export runs on the CPU; load the model with device='cpu' (it is on {pipe.device})")
+    if not MIN_OPSET <= opset:
+        raise ExportError(f"opset {opset} is not supported: torch's exporter writes opset {MIN_OPSET} and up "
+                          f"(GroupNormalization needs {DEFAULT_OPSET})")
+    unknown = set(networks) - set(NETWORKS)
+    if unknown:
+        raise ExportError(f"unknown network(s) {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)  # a half-written folder never looks complete
+    reports = {}
+    for spec in graph_specs(pipe):
+        if spec.name not in networks:
+            continue
+        reports[spec.name] = export_network(spec, folder, opset, dtype, check_graph=check_graphs,
+                                            external_data_bytes=external_data_bytes)
+        if log:
+            r = reports[spec.name]
+            err = max(r.check["rel_err"].values()) if r.check else float("nan")
+            log(f"{r.file}: {r.bytes / 2**20:.1f} MiB, {r.slim['nodes_before']} -> {r.slim['nodes_after']} nodes "
+                f"after onnxslim, rel. error {err:.1e} on ONNX Runtime, {r.export_s:.1f} s")
+    pipe.tokenizer.save(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=1))
+    manifest = {
+        "format": FORMAT,
+        "model_hash": model_hash or weights_hash(pipe),
+        "dtype": dtype,
+        "opset": opset,
+        "exporter": "torch.onnx.export(dynamo=True) + onnxslim",
+        "configs": {name: dataclasses.asdict(getattr(pipe, name).config)
+                    for name in ("text_encoder", "unet", "vae")},
+        "tokenizer": "tokenizer",  # folders beside the graphs, so the export loads with no checkpoint
+        "scheduler_config": "scheduler/scheduler_config.json",
+        "networks": {name: dataclasses.asdict(r) for name, r in reports.items()},
+        "tools": tool_versions(),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(folder) -> dict:
+    """The manifest of an export folder, checked for the format and the files it names."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{folder} has no {MANIFEST}: not a folder written by `sdfast export` (or the export "
+                          "did not finish)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{path} has format {manifest.get('format')!r}, this sdfast reads {FORMAT!r}: export "
+                          "the model again")
+    files = [net["file"] for net in manifest["networks"].values()] + [manifest["scheduler_config"]]
+    for file in files:
+        if not (folder / file).exists():
+            raise ExportError(f"{folder / file} is missing (named in {path}): export the model again")
+    return manifest
+
+
+def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, log=None) -> Path:
+    """The export folder of ``pipe`` under ``cache_dir``, keyed by its weights, dtype and opset: exported (and
+    checked) the first time, reused after. A folder without a manifest is a crashed export and is redone."""
+    require_onnx()
+    model_hash = weights_hash(pipe)
+    folder = Path(cache_dir).expanduser() / f"{model_hash[:20]}-{_dtype_name(pipe.dtype)}-opset{opset}"
+    if (folder / MANIFEST).is_file():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_pipeline(pipe, partial, opset=opset, model_hash=model_hash, log=log)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder

@@ -1,0 +1,321 @@
+"""TensorRT engines from an export folder: optimisation profiles, the timing cache, and the engine cache.
+
+Works with either TensorRT flavour, found in this order (same Python API):
+- ``tensorrt``: full TensorRT; building needs a CUDA GPU, and engines are specific to it.
+- ``tensorrt_rtx`` / ``tensorrt_rtx_bindings`` (TensorRT-RTX; the PyPI wheels ``tensorrt-rtx-cu13-libs`` and
+  ``-bindings`` install the latter): builds ahead of time on any machine, GPU or not, and compiles kernels for the
+  GPU when the engine is loaded.
+
+Engines are built strongly typed, so their precision is the ONNX graphs' (``sdfast export --dtype``); with full
+TensorRT, ``fp16=True`` on fp32 graphs also allows the classic mixed-precision build (``BuilderFlag.FP16``).
+
+Each engine sits in ``DIR/engines/NETWORK-KEY.engine`` beside a sidecar ``NETWORK-KEY.json``. KEY hashes what the
+engine depends on: the ONNX file's sha256, the optimisation profiles, the precision, the TensorRT flavour and
+version, and the GPU. A build whose key has an engine loads it instead of building; the sidecar also records the
+engine's own sha256, so a truncated or altered engine is refused, and an engine built from another ONNX file,
+TensorRT or GPU is reported as stale with what differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .onnx import NETWORKS, file_hash, read_manifest
+
+FLAVOURS = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")  # preference order
+HAS_TENSORRT = any(importlib.util.find_spec(name) is not None for name in FLAVOURS)
+ENGINES = "engines"
+TIMING_CACHE = "timing.cache"
+
+
+class EngineError(ValueError):
+    """A TensorRT engine that cannot be built or used: no TensorRT, a parse or build failure, a stale or corrupt
+    engine, or a shape outside the engine's profiles (a ValueError, so the CLI reports it in one line)."""
+
+
+@functools.cache
+def tensorrt():
+    """The TensorRT Python module (the first flavour of FLAVOURS that imports), or a clear EngineError."""
+    for name in FLAVOURS:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise EngineError("no TensorRT Python module is installed: pip install tensorrt-rtx-cu13-libs "
+                      "tensorrt-rtx-cu13-bindings (TensorRT-RTX, builds without a GPU), or NVIDIA's tensorrt")
+
+
+def flavour() -> dict[str, str]:
+    """{"flavour": "tensorrt" | "tensorrt_rtx", "version": ...} of the module ``tensorrt()`` found."""
+    trt = tensorrt()
+    return {"flavour": "tensorrt" if trt.__name__ == "tensorrt" else "tensorrt_rtx", "version": trt.__version__}
+
+
+def gpu() -> str:
+    """The GPU an engine is built for or run on; engines are keyed by it."""
+    if not torch.cuda.is_available():
+        return "none (ahead-of-time build)"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+# -- optimisation profiles --
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The requests engines must serve. ``sizes``: one optimisation profile each, an image size range in pixels
+    ((min width, min height), (max width, max height)); ``batch``: (min, max) images per call; ``prompt_chunks``:
+    the most 77-token chunks a long prompt may take."""
+
+    sizes: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+    batch: tuple[int, int] = (1, 1)
+    prompt_chunks: int = 1
+
+    @classmethod
+    def parse(cls, sizes: list[str], batch: list[int], prompt_chunks: int = 1) -> "Shapes":
+        """``sizes`` like ["512x512", "512x512-768x1024"] (WxH or a WxH-WxH range); ``batch`` like [1, 4] (the
+        smallest and largest given are the range)."""
+        ranges = []
+        for text in sizes:
+            try:
+                ends = [tuple(int(v) for v in end.lower().split("x")) for end in text.split("-")]
+            except ValueError:
+                ends = []
+            if len(ends) not in (1, 2) or any(len(e) != 2 for e in ends):
+                raise ValueError(f"size {text!r}: use WIDTHxHEIGHT (e.g. 512x512) or a range 512x512-768x1024")
+            lo, hi = ends[0], ends[-1]
+            if any(v <= 0 or v % 8 for v in (*lo, *hi)):
+                raise ValueError(f"size {text!r}: widths and heights must be positive multiples of 8")
+            if lo[0] > hi[0] or lo[1] > hi[1]:
+                raise ValueError(f"size range {text!r} runs backwards: put the smaller size first")
+            ranges.append((lo, hi))
+        if not ranges:
+            raise ValueError("no sizes: give at least one WIDTHxHEIGHT")
+        if not batch or min(batch) < 1:
+            raise ValueError(f"batch {batch}: need sizes >= 1")
+        if prompt_chunks < 1:
+            raise ValueError(f"prompt_chunks={prompt_chunks}: need at least 1")
+        return cls(tuple(ranges), (min(batch), max(batch)), prompt_chunks)
+
+
+def profiles(network: str, manifest: dict, shapes: Shapes) -> list[dict[str, list[list[int]]]]:
+    """The optimisation profiles of one network: [{input: [min, opt, max]}], one per size range (one in all for
+    the text encoder, which does not see the image). The U-Net's batch doubles under classifier-free guidance;
+    the optimum is the smallest size at the smallest batch, guided."""
+    unet, vae, te = (manifest["configs"][k] for k in ("unet", "vae", "text_encoder"))
+    f = 2 ** (len(vae["block_channels"]) - 1)  # pixels per latent cell
+    b0, b1 = shapes.batch
+    tokens = te["max_positions"]
+    if network == "text_encoder":  # prompts and negatives, each in up to prompt_chunks chunks
+        return [{"input_ids": [[1, tokens], [2 * b0, tokens], [2 * b1 * shapes.prompt_chunks, tokens]]}]
+    out = []
+    for (w0, h0), (w1, h1) in shapes.sizes:
+        if network == "unet":
+            c, ctx = unet["in_channels"], unet["context_dim"]
+            out.append({
+                "sample": [[b0, c, h0 // f, w0 // f], [2 * b0, c, h0 // f, w0 // f], [2 * b1, c, h1 // f, w1 // f]],
+                "timestep": [[b0], [2 * b0], [2 * b1]],
+                "context": [[b0, tokens, ctx], [2 * b0, tokens, ctx], [2 * b1, tokens * shapes.prompt_chunks, ctx]],
+            })
+        elif network == "vae_decoder":
+            c = vae["latent_channels"]
+            out.append({"latent": [[b0, c, h0 // f, w0 // f], [b0, c, h0 // f, w0 // f], [b1, c, h1 // f, w1 // f]]})
+        elif network == "vae_encoder":  # img2img encodes one picture, then repeats its latent
+            c = vae["in_channels"]
+            out.append({"image": [[1, c, h0, w0], [1, c, h0, w0], [b1, c, h1, w1]]})
+        else:
+            raise ValueError(f"unknown network {network!r}")
+    return out
+
+
+def check_shapes(meta: dict, shapes: dict[str, tuple[int, ...]]) -> int:
+    """The index of the first profile of an engine (its sidecar ``meta``) that admits these input shapes, or an
+    EngineError naming every profile's allowed range."""
+    for index, profile in enumerate(meta["profiles"]):
+        if all(len(shapes[name]) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shapes[name], hi))
+               for name, (lo, _, hi) in profile.items()):
+            return index
+    asked = ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
+    allowed = " | ".join(
+        ", ".join(f"{name} {_range(lo, hi)}" for name, (lo, _, hi) in profile.items()) for profile in meta["profiles"])
+    raise EngineError(f"{meta['network']}: {asked} is outside the engine's profiles; allowed: {allowed}. "
+                      "Build one that covers it: sdfast build DIR --sizes WxH --batch N")
+
+
+def _range(lo, hi) -> str:
+    return "(" + ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in zip(lo, hi)) + ")"
+
+
+# -- the engine cache --
+
+
+def engine_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Engine:
+    """One engine on disk and its sidecar. ``cached``: loaded from the cache rather than built now."""
+
+    path: Path
+    meta: dict
+    cached: bool
+
+
+def verified(path: Path) -> dict:
+    """The sidecar of engine ``path``, after checking the engine file is the one the sidecar describes."""
+    sidecar = path.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"engine {path} has no readable sidecar {sidecar.name} ({e}): rebuild it with "
+                          "`sdfast build`") from e
+    if not path.is_file():
+        raise EngineError(f"engine {path} is missing (its sidecar {sidecar.name} is there): rebuild it with "
+                          "`sdfast build`")
+    if path.stat().st_size != meta["engine_bytes"] or _sha256(path) != meta["engine_sha256"]:
+        raise EngineError(f"engine {path} is corrupt: its content does not match the sha256 its sidecar recorded "
+                          "when it was built (truncated or overwritten?). Delete it and run `sdfast build` again")
+    return meta
+
+
+def _key_fields(folder: Path, network: str, manifest: dict, network_profiles: list, precision: str) -> dict:
+    onnx_file = folder / manifest["networks"][network]["file"]
+    return {"network": network, "onnx_sha256": file_hash(onnx_file), "profiles": network_profiles,
+            "precision": precision, **flavour(), "gpu": gpu()}
+
+
+def find_engine(folder, network: str) -> Engine:
+    """The newest engine of ``network`` under ``folder/engines`` that fits this ONNX file, TensorRT and GPU, for
+    the backends to load. An EngineError says why none fits: none built, or each one stale (naming what differs)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    current = {"onnx_sha256": file_hash(folder / manifest["networks"][network]["file"]), **flavour(), "gpu": gpu()}
+    stale = []
+    candidates = []
+    for sidecar in sorted((folder / ENGINES).glob(f"{network}-*.json")):
+        meta = json.loads(sidecar.read_text())
+        differs = [f"{k} {meta['key_fields'].get(k)!r} (now {v!r})" for k, v in current.items()
+                   if meta["key_fields"].get(k) != v]
+        if differs:
+            stale.append(f"{sidecar.with_suffix('.engine').name}: {'; '.join(differs)}")
+        else:
+            candidates.append((meta["built_at"], sidecar.with_suffix(".engine")))
+    if candidates:
+        path = max(candidates)[1]
+        return Engine(path, verified(path), cached=True)
+    if stale:
+        raise EngineError(f"no usable {network} engine in {folder / ENGINES}: every one is stale — "
+                          + " | ".join(stale) + f". Rebuild: sdfast build {folder}")
+    raise EngineError(f"no {network} engine in {folder / ENGINES}: build them first with `sdfast build {folder}`")
+
+
+def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=NETWORKS, log=print) -> dict[str, Engine]:
+    """Build (or load from the cache) one engine per network of the export folder ``folder`` for ``shapes``.
+    A cached engine whose file does not match its sidecar is reported and rebuilt."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    trt = tensorrt()
+    precision = _precision(manifest["dtype"], fp16)
+    (folder / ENGINES).mkdir(exist_ok=True)
+    results = {}
+    for network in networks:
+        if network not in manifest["networks"]:
+            raise EngineError(f"{folder} has no {network} graph (exported: {', '.join(manifest['networks'])})")
+        network_profiles = profiles(network, manifest, shapes)
+        fields = _key_fields(folder, network, manifest, network_profiles, precision)
+        key = engine_key(fields)
+        path = folder / ENGINES / f"{network}-{key[:16]}.engine"
+        if path.is_file():
+            try:
+                results[network] = Engine(path, verified(path), cached=True)
+                log(f"{path.name}: cached ({network}, {precision}, {fields['flavour']} {fields['version']})")
+                continue
+            except EngineError as e:
+                log(f"{e}; rebuilding")
+        results[network] = _build(trt, folder, network, manifest, fields, key, path, log)
+    return results
+
+
+def _precision(dtype: str, fp16: bool) -> str:
+    if not fp16 or dtype == "fp16":
+        return dtype
+    if flavour()["flavour"] != "tensorrt":
+        raise EngineError("TensorRT-RTX builds only strongly typed networks, so an engine's precision is its ONNX "
+                          "graphs': export with `sdfast export MODEL -o DIR --dtype fp16` for fp16 engines")
+    return "fp16-mixed"  # fp32 graphs, fp16 kernels where TensorRT finds them faster (BuilderFlag.FP16)
+
+
+def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: str, path: Path, log) -> Engine:
+    onnx_path = folder / manifest["networks"][network]["file"]
+    logger = trt.Logger(trt.Logger.ERROR)
+    try:
+        builder = trt.Builder(logger)
+    except (RuntimeError, TypeError) as e:  # full TensorRT without a usable GPU
+        raise EngineError(f"{fields['flavour']} {fields['version']} cannot build here ({e}); full TensorRT "
+                          "needs a CUDA GPU, TensorRT-RTX builds without one") from e
+    strongly_typed = fields["precision"] != "fp16-mixed"
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    graph = builder.create_network(flags)
+    parser = trt.OnnxParser(graph, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise EngineError(f"{fields['flavour']} cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    for network_profile in fields["profiles"]:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in network_profile.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    # TensorRT-RTX picks kernels without timing them (its timing-cache calls are no-ops since 1.2); full TensorRT
+    # reuses the tactic timings of every earlier build in this folder.
+    timing_cache = folder / ENGINES / TIMING_CACHE if fields["flavour"] == "tensorrt" else None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(graph, config)
+    build_s = time.perf_counter() - start
+    if plan is None:
+        raise EngineError(f"{fields['flavour']} could not build {onnx_path.name} (see the TensorRT errors above)")
+    if timing_cache is not None:
+        timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(memoryview(plan))
+    tmp.replace(path)
+    io = [{"name": t.name, "mode": mode, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+          for mode, tensors in (("input", [graph.get_input(i) for i in range(graph.num_inputs)]),
+                                ("output", [graph.get_output(i) for i in range(graph.num_outputs)]))
+          for t in tensors]
+    meta = {"network": network, "key": key, "key_fields": fields, "profiles": fields["profiles"], "io": io,
+            "onnx_file": onnx_path.name, "engine_bytes": path.stat().st_size, "engine_sha256": _sha256(path),
+            "build_s": round(build_s, 2), "timing_cache": timing_cache is not None, "built_at": time.time()}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    log(f"{path.name}: built in {build_s:.1f} s ({network}, {fields['precision']}, {fields['flavour']} "
+        f"{fields['version']}, {len(fields['profiles'])} profile(s), {meta['engine_bytes'] / 2**20:.1f} MiB)")
+    return Engine(path, meta, cached=False)
+
+
+def _dtype_name(dtype) -> str:
+    return {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+            "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}.get(dtype.name, dtype.name.lower())

@@ -1,0 +1,108 @@
+"""The ``tensorrt`` backend: engines built by ``sdfast build`` (``sdfast.export.tensorrt``), run on a CUDA GPU.
+
+Inputs and outputs are torch tensors on the GPU, bound by pointer. Each engine runs on its own CUDA stream, ordered
+after the caller's current stream and before whatever the caller does next. A shape outside the engine's
+optimisation profiles is refused before it reaches TensorRT, with the allowed ranges in the message. With
+TensorRT-RTX, kernels compiled at load time are kept in ``engines/NETWORK-KEY.runtime-cache`` for the next start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdfast.export.tensorrt import EngineError, Shapes, build_engines, check_shapes, find_engine, flavour, tensorrt
+
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+          "int32": torch.int32, "bool": torch.bool}
+
+
+class EngineRunner:
+    """One deserialised engine and its execution context: ``runner(inputs, outputs)`` as the graph wrappers call."""
+
+    def __init__(self, path: Path, meta: dict, device: torch.device):
+        trt = tensorrt()
+        self.meta, self.device = meta, device
+        self.logger = trt.Logger(trt.Logger.ERROR)
+        self.runtime = trt.Runtime(self.logger)
+        data = path.read_bytes()
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise EngineError(f"engine {path} does not load{_validity(self.runtime, data)}: rebuild it with "
+                              "`sdfast build`")
+        self.runtime_cache = None
+        if flavour()["flavour"] == "tensorrt_rtx":  # JIT-compiled kernels survive restarts in the runtime cache
+            config = self.engine.create_runtime_config()
+            self.cache = config.create_runtime_cache()
+            self.runtime_cache = path.with_suffix(".runtime-cache")
+            if self.runtime_cache.is_file():
+                self.cache.deserialize(self.runtime_cache.read_bytes())  # False (ignored) for another GPU/driver
+            config.set_runtime_cache(self.cache)
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context()
+        self.dtypes = {t["name"]: _TORCH[t["dtype"]] for t in meta["io"]}
+        self.stream = torch.cuda.Stream(device)
+        self.profile = None
+        self.cached_profiles: set[int] = set()  # profiles whose compiled kernels are in the runtime cache file
+
+    def __call__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        index = check_shapes(self.meta, {name: tuple(t.shape) for name, t in inputs.items()})
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # the inputs are written on the caller's stream
+        handle = self.stream.cuda_stream
+        if index != self.profile:
+            self.context.set_optimization_profile_async(index, handle)
+            self.profile = index
+        held = []
+        for name, t in inputs.items():
+            t = t.to(self.device, self.dtypes[name]).contiguous()
+            held.append(t)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        results = {}
+        for name, shape in outputs.items():
+            actual = tuple(self.context.get_tensor_shape(name))
+            if actual != tuple(shape):
+                raise EngineError(f"{self.meta['network']}: output {name} has shape {actual}, expected {shape}")
+            results[name] = torch.empty(actual, dtype=self.dtypes[name], device=self.device)
+            self.context.set_tensor_address(name, results[name].data_ptr())
+        if not self.context.execute_async_v3(handle):
+            raise EngineError(f"{self.meta['network']}: TensorRT execution failed (see its errors above)")
+        current.wait_stream(self.stream)  # the caller's next kernels see the outputs; freed inputs stay ordered
+        if self.runtime_cache is not None and index not in self.cached_profiles:  # a first run compiled kernels
+            self.cached_profiles.add(index)
+            self.stream.synchronize()
+            self.runtime_cache.write_bytes(memoryview(self.cache.serialize()))
+        return results
+
+
+def _validity(runtime, data: bytes) -> str:
+    """TensorRT's own reason an engine does not load (version, GPU, driver), where it can tell."""
+    if not hasattr(runtime, "get_engine_validity"):
+        return ""
+    try:
+        validity, diagnostics = runtime.get_engine_validity(data[: runtime.engine_header_size])
+    except (RuntimeError, TypeError, ValueError):
+        return ""
+    return f" ({validity.name}, diagnostics flags {diagnostics:#x})"
+
+
+def runners(folder: Path, manifest: dict, device: torch.device, *, build: bool = False,
+            sizes: list[str] | None = None, batch: list[int] | None = None, prompt_chunks: int = 1,
+            fp16: bool = False) -> dict:
+    """One ``EngineRunner`` per network, from the engines in ``folder/engines``. ``build=True`` builds the missing
+    ones first (for ``sizes`` / ``batch``, default: the model's own size at batch 1); otherwise a missing or stale
+    engine is an EngineError that says to run ``sdfast build``."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise EngineError(f"the tensorrt backend runs on a CUDA GPU (asked for {device}, CUDA available: "
+                          f"{torch.cuda.is_available()}); engines can still be built here with `sdfast build`")
+    tensorrt()  # a clear error when no TensorRT module is installed
+    if build:
+        side = manifest["configs"]["unet"]["sample_size"] * 2 ** (len(manifest["configs"]["vae"]["block_channels"]) - 1)
+        shapes = Shapes.parse(sizes or [f"{side}x{side}"], batch or [1], prompt_chunks)
+        engines = build_engines(folder, shapes, fp16=fp16, networks=tuple(manifest["networks"]), log=lambda _: None)
+    else:
+        engines = {name: find_engine(folder, name) for name in manifest["networks"]}
+    return {name: EngineRunner(e.path, e.meta, device) for name, e in engines.items()}

@@ -1,0 +1,125 @@
+"""The synthetic data the shipped default model learns: one coloured shape on a plain or lightly textured background.
+
+A ``Scene`` is one combination of shape (circle, square, triangle, star), colour (6), size (2), position (5),
+background (white, gray, black) and texture (plain, textured): 1,440 combinations. ``render`` draws a scene with
+seeded jitter (centre, radius, colour, texture), 4x supersampled and box-filtered so edges are anti-aliased.
+``Scene.caption`` writes "a small red circle at the top left on a white background", or a shorter form that leaves
+out size, position or background ("a red circle"), so short prompts are in the training distribution too.
+
+``HELD_OUT`` is a seeded 10% of the combinations that training never renders; their full captions are the prompts
+``evaluate.py`` measures the model on. Every colour-shape pair still appears in training, in other combinations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {  # RGB; hues spread round the wheel so a checker can tell them apart by hue alone
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (235, 210, 25),
+    "green": (35, 160, 55),
+    "blue": (40, 80, 220),
+    "purple": (140, 50, 190),
+}
+SIZES = {"small": 0.15, "large": 0.26}  # shape radius as a fraction of the image side
+POSITIONS = {  # caption phrase -> centre (x, y) as fractions of the image side
+    "top left": (0.32, 0.32), "top right": (0.68, 0.32), "center": (0.5, 0.5),
+    "bottom left": (0.32, 0.68), "bottom right": (0.68, 0.68),
+}
+BACKGROUNDS = {"white": 240, "gray": 128, "black": 20}  # grey level: neutral, so any shape colour stands out
+TEXTURES = ("plain", "textured")
+IMAGE_SIZE = 64
+_SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    size: str
+    position: str
+    background: str
+    texture: str
+
+    def caption(self, size: bool = True, position: bool = True, background: bool = True) -> str:
+        """"a small red circle at the top left on a textured white background"; each flag keeps one attribute."""
+        words = ["a"] + ([self.size] if size else []) + [self.colour, self.shape]
+        if position:
+            words.append("in the center" if self.position == "center" else f"at the {self.position}")
+        if background:
+            texture = "textured " if self.texture == "textured" else ""
+            words.append(f"on a {texture}{self.background} background")
+        return " ".join(words)
+
+
+ALL_SCENES = tuple(Scene(*combo) for combo in itertools.product(
+    SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS, TEXTURES))
+# Fixed seed: the held-out combinations must stay the same between training and evaluation, whatever their seeds.
+HELD_OUT = tuple(sorted(random.Random(1234).sample(ALL_SCENES, len(ALL_SCENES) // 10),
+                        key=ALL_SCENES.index))
+TRAINING_SCENES = tuple(s for s in ALL_SCENES if s not in set(HELD_OUT))
+
+
+def held_out_prompts() -> list[str]:
+    """The full captions of the held-out scenes: prompts the model never saw paired with an image."""
+    return [scene.caption() for scene in HELD_OUT]
+
+
+def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """Polygon vertices of an upright shape of radius ``r`` at (cx, cy); None for the circle (an ellipse).
+    Square half-side and triangle/star outer radius are scaled so the four shapes cover similar areas."""
+    if shape == "square":
+        h = 0.88 * r
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":  # equilateral, pointing up, centred on its centroid
+        R = 1.25 * r
+        return [(cx + R * np.cos(a), cy + R * np.sin(a)) for a in np.radians([-90, 30, 150])]
+    if shape == "star":  # five points; inner radius half the outer one keeps the arms thick enough to see
+        R = 1.2 * r
+        angles = np.radians(-90 + 36 * np.arange(10))
+        radii = np.where(np.arange(10) % 2 == 0, R, 0.5 * R)
+        return list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles)))
+    return None
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """One (size, size, 3) uint8 image of ``scene``; ``rng`` draws the jitter (centre +-2%, radius +-6%,
+    colour +-12 per channel, the texture)."""
+    level = BACKGROUNDS[scene.background]
+    background = np.full((size, size), float(level))
+    if scene.texture == "textured":  # soft grey blotches of +-16 levels: texture, but no colour of its own
+        coarse = rng.normal(0.0, 1.0, (6, 6))
+        blotches = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((size, size), Image.BICUBIC))
+        background += 16.0 * blotches / max(np.abs(blotches).max(), 1e-6)
+    s = size * _SUPERSAMPLE
+    fx, fy = POSITIONS[scene.position]
+    cx, cy = (np.array([fx, fy]) + rng.uniform(-0.02, 0.02, 2)) * s
+    r = SIZES[scene.size] * s * rng.uniform(0.94, 1.06)
+    mask = Image.new("L", (s, s), 0)
+    draw = ImageDraw.Draw(mask)
+    outline = _outline(scene.shape, cx, cy, r)
+    if outline is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon([(float(x), float(y)) for x, y in outline], fill=255)
+    alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float64)[..., None] / 255.0  # (H, W, 1)
+    colour = np.clip(np.array(COLOURS[scene.colour]) + rng.uniform(-12, 12, 3), 0, 255)
+    image = alpha * colour + (1 - alpha) * background[..., None]
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def make_dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
+    """``n`` training images (N, size, size, 3) uint8 and their scenes: combinations drawn uniformly from the
+    training (not held-out) scenes. The same ``n`` and ``seed`` give the same data."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(TRAINING_SCENES), n)
+    scenes = [TRAINING_SCENES[i] for i in picks]
+    images = np.stack([render(scene, rng, size) for scene in scenes]) if n else np.zeros((0, size, size, 3), np.uint8)
+    return images, scenes

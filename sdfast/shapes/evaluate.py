@@ -1,0 +1,110 @@
+"""Measures the shipped default model and draws the README's pictures.
+
+    python -m sdfast.shapes.evaluate                  # the shipped model; figures to stdout and docs/default_model/
+
+Every held-out prompt (``dataset.held_out_prompts``: scene combinations training never rendered) is generated once
+at 20 Euler steps with guidance, and the checker compares the image's colour and shape with the prompt's. The
+figures go to ``evaluation.json``; the pictures are a colour x shape grid of short prompts, the step-by-step
+preview strip (the model's clean-image estimate, VAE-decoded, at steps 1, 2, 4, 5, 10, 20) and an interpolation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..interpolate import interpolate, strip
+from ..pipeline import Pipeline, load
+from .checker import check, prompt_attributes
+from .dataset import COLOURS, SHAPES, held_out_prompts
+
+STEPS = 20
+GUIDANCE = 7.5
+PREVIEW_STEPS = (1, 2, 4, 5, 10, 20)
+CELL = 128  # pictures are upscaled from 64 px so they read at README width
+
+
+def measure(pipe: Pipeline, prompts: list[str], steps: int, guidance: float, batch: int = 16) -> dict:
+    """Generate every prompt (seed = its index's batch start) and check it; the agreement figures."""
+    checks = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        images = pipe.generate(chunk, steps=steps, guidance_scale=guidance, scheduler="euler", seed=i).images
+        checks += [check(image, prompt) for image, prompt in zip(images, chunk)]
+    per_shape, per_colour = defaultdict(list), defaultdict(list)
+    for c, prompt in zip(checks, prompts):
+        colour, shape = prompt_attributes(prompt)
+        per_shape[shape].append(c.shape_ok)
+        per_colour[colour].append(c.colour_ok)
+    return {
+        "prompts": len(prompts), "steps": steps, "guidance_scale": guidance, "scheduler": "euler",
+        "colour_agreement": float(np.mean([c.colour_ok for c in checks])),
+        "shape_agreement": float(np.mean([c.shape_ok for c in checks])),
+        "both_agreement": float(np.mean([c.colour_ok and c.shape_ok for c in checks])),
+        "shape_agreement_by_shape": {k: float(np.mean(v)) for k, v in per_shape.items()},
+        "colour_agreement_by_colour": {k: float(np.mean(v)) for k, v in per_colour.items()},
+    }
+
+
+def _labelled(images: list[Image.Image], labels: list[str], columns: int) -> Image.Image:
+    """Images upscaled to CELL px in a grid, each with its label underneath."""
+    font = ImageFont.load_default()
+    rows = -(-len(images) // columns)
+    pad = 14
+    sheet = Image.new("RGB", (columns * CELL, rows * (CELL + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = i % columns * CELL, i // columns * (CELL + pad)
+        sheet.paste(image.resize((CELL, CELL), Image.NEAREST), (x, y))
+        draw.text((x + 3, y + CELL + 1), label, fill="black", font=font)
+    return sheet
+
+
+def pictures(pipe: Pipeline, out: Path, steps: int, guidance: float) -> None:
+    """grid.png (one "a {colour} {shape}" per cell), previews.png, interpolation.png."""
+    prompts = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    images = pipe.generate(prompts, steps=steps, guidance_scale=guidance, seed=0).images
+    _labelled(images, [p[2:] for p in prompts], columns=len(SHAPES)).save(out / "grid.png")
+
+    prompt = "a large green star in the center on a white background"
+    result = pipe.generate(prompt, steps=steps, guidance_scale=guidance, seed=1, preview_every=1,
+                           preview_decode="vae")
+    previews = dict(result.previews)
+    _labelled([previews[s][0] for s in PREVIEW_STEPS], [f"step {s}" for s in PREVIEW_STEPS],
+              columns=len(PREVIEW_STEPS)).save(out / "previews.png")
+
+    frames = interpolate(pipe, "a red circle", "a blue square", 8, seed=0, steps=steps, guidance_scale=guidance)
+    strip([f.resize((CELL, CELL), Image.NEAREST) for f in frames]).save(out / "interpolation.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdfast.shapes.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
+    parser.add_argument("--out", type=Path, default=Path("docs/default_model"), help="figures and pictures")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    pipe = load(args.model)
+    start = time.time()
+    figures = measure(pipe, held_out_prompts(), args.steps, args.guidance)
+    figures["seconds"] = round(time.time() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evaluation.json").write_text(json.dumps(figures, indent=2) + "\n")
+    pictures(pipe, args.out, args.steps, args.guidance)
+    print(f"{figures['prompts']} held-out prompts, {args.steps} euler steps, guidance {args.guidance}: "
+          f"colour {figures['colour_agreement']:.1%}, shape {figures['shape_agreement']:.1%}, "
+          f"both {figures['both_agreement']:.1%} ({figures['seconds']} s); pictures in {args.out}")
+    print("shape by shape:", {k: f"{v:.0%}" for k, v in figures["shape_agreement_by_shape"].items()})
+    print("colour by colour:", {k: f"{v:.0%}" for k, v in figures["colour_agreement_by_colour"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Trains sdfast's shipped default model on the synthetic shapes and writes it as a diffusers folder.
+
+    python -m sdfast.shapes.train --out sdfast/data/default_model   # the shipped model (defaults = its arguments)
+    python -m sdfast.shapes.train --out /tmp/m --quick               # seconds: every stage once, for CI
+
+Same architecture and file layout as Stable Diffusion 1.x, only narrower: a KL-VAE with 8x downsampling (64x64
+images <-> 8x8x4 latents), a CLIP text encoder on the real CLIP vocabulary, a U-Net with cross-attention. The
+networks are sdfast's own, built from the diffusers / transformers configs below, which are also written as the
+folder's config.json files, so diffusers' StableDiffusionPipeline loads the folder too.
+
+Two stages, CPU only, seeded (the same arguments give the same weights on the same machine and thread count):
+1. the VAE: pixel reconstruction (MSE + L1) plus a small KL term; then its scaling factor = 1 / std of the
+   training latents, as SD's 0.18215 was chosen (Rombach et al. 2022, sec. G);
+2. text encoder + U-Net jointly on the noise-prediction objective of the forward process (Ho et al. 2020, eq. 14),
+   with SD's scaled_linear schedule, one random timestep per sample, min-SNR-5 loss weights (Hang et al. 2023,
+   eq. 10) and 10% empty captions, so classifier-free guidance has an unconditional model to push away from.
+Weights are written in fp16 (safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ..models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
+from ..schedulers import make_scheduler
+from ..tokenizer import Tokenizer, write_clip_tokenizer
+from .dataset import ALL_SCENES, make_dataset
+
+DIFFUSERS_VERSION = "0.42.1"  # the version whose config format these files follow
+
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64, "act_fn": "silu",
+    "block_out_channels": [16, 32, 64, 64],  # 4 levels: three halvings, 8x like SD
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1, "norm_num_groups": 8,
+    "scaling_factor": None,  # measured after training (1 / std of the latents)
+}
+UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+    "in_channels": 4, "out_channels": 4, "sample_size": 8, "act_fn": "silu",
+    "block_out_channels": [48, 96, 96],  # 8x8 -> 4x4 -> 2x2 latents
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1, "attention_head_dim": 4,  # diffusers' legacy name: 4 heads
+    "cross_attention_dim": 32, "norm_num_groups": 16, "norm_eps": 1e-5,
+    "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1,
+    "center_input_sample": False, "use_linear_projection": False,
+}
+TEXT_CONFIG = {  # transformers' CLIPTextConfig; width 32 keeps the 49408-token embedding at 3 MB in fp16
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "torch_dtype": "float16",
+    "vocab_size": 49408, "max_position_embeddings": 77, "hidden_size": 32, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "projection_dim": 32, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
+    "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,  # SD 1.x's legacy ids: pool at the highest id
+}
+SCHEDULER_CONFIG = {  # SD 1.5's noise schedule; Euler is sdfast's default sampler, so diffusers gets it too
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
+    "interpolation_type": "linear", "use_karras_sigmas": False, "trained_betas": None,
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+    "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional model classifier-free guidance needs
+MIN_SNR_GAMMA = 5.0
+KL_WEIGHT = 1e-4  # enough to keep latents bounded and the posterior smooth, small enough not to blur
+
+
+def build_networks(scaling_factor: float = 1.0) -> tuple[AutoencoderKL, CLIPTextModel, UNet]:
+    vae = AutoencoderKL(VAEConfig.from_diffusers({**VAE_CONFIG, "scaling_factor": scaling_factor}))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_transformers(TEXT_CONFIG))
+    unet = UNet(UNetConfig.from_diffusers(UNET_CONFIG))
+    return vae, text_encoder, unet
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero: the last steps anneal, so the final weights are the ones to ship."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _posterior(vae: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and log-variance of q(z | x), unscaled, clamped as diffusers' DiagonalGaussianDistribution does."""
+    mean, logvar = vae.posterior(x)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: int, lr: float,
+              generator: torch.Generator, log_every: int) -> float:
+    """Reconstruction (MSE + L1 on [-1, 1] pixels) + KL_WEIGHT * KL to N(0, I), both means per element.
+    Returns the final reconstruction MSE (mean of the last 10% of steps)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    recent, start = [], time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        x = _pixels(images[torch.randint(len(images), (batch,), generator=generator).numpy()])
+        mean, logvar = _posterior(vae, x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator)
+        recon = vae.decoder(vae.post_quant_conv(z))
+        mse = F.mse_loss(recon, x)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        loss = mse + F.l1_loss(recon, x) + KL_WEIGHT * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        recent.append(mse.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            print(f"vae  step {step + 1:5d}/{steps}  mse {np.mean(recent[-log_every:]):.5f}  kl {kl.item():.3f}  "
+                  f"{time.time() - start:6.0f} s", flush=True)
+    return float(np.mean(recent[-max(1, steps // 10):]))
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (N, 4, h, w) of every training image, unscaled."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        mean, logvar = _posterior(vae, _pixels(images[i:i + batch]))
+        means.append(mean)
+        stds.append((0.5 * logvar).exp())
+    return torch.cat(means), torch.cat(stds)
+
+
+def caption_table(tokenizer: Tokenizer) -> torch.Tensor:
+    """Token ids (scenes, 8, 77) of every scene's eight captions (each of size, position, background kept or left
+    out; variant 7 keeps all three), and of the empty caption at [-1, 0]: captions are looked up, not tokenized
+    per step."""
+    captions = [scene.caption(size=bool(v & 1), position=bool(v & 2), background=bool(v & 4))
+                for scene in ALL_SCENES for v in range(8)] + [""] * 8
+    return tokenizer.encode(captions).view(len(ALL_SCENES) + 1, 8, -1)
+
+
+def train_denoiser(text_encoder: CLIPTextModel, unet: UNet, means: torch.Tensor, stds: torch.Tensor,
+                   scene_ids: torch.Tensor, captions: torch.Tensor, scaling_factor: float, steps: int, batch: int,
+                   lr: float, generator: torch.Generator, log_every: int) -> float:
+    """Text encoder + U-Net on epsilon prediction. Each sample: a fresh posterior draw of its latent, a random caption
+    variant (or the empty caption), a timestep uniform in [0, 1000), noise added as the scheduler's add_noise does
+    (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps). Returns the final loss (mean of the last 10% of steps)."""
+    alphas_cumprod = make_scheduler("ddim", SCHEDULER_CONFIG).alphas_cumprod  # (1000,)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    weights = snr.clamp(max=MIN_SNR_GAMMA) / snr  # min-SNR-gamma for epsilon prediction
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    empty = len(captions) - 1
+    recent, start = [], time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 10 + 1))
+        idx = torch.randint(len(means), (batch,), generator=generator)
+        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scaling_factor
+        variant = torch.randint(8, (batch,), generator=generator)
+        dropped = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
+        ids = captions[torch.where(dropped, empty, scene_ids[idx]), variant]  # (B, 77)
+        t = torch.randint(len(alphas_cumprod), (batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        context, _ = text_encoder(ids)
+        per_sample = (unet(xt, t, context) - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (weights[t] * per_sample).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        recent.append(per_sample.mean().item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            print(f"unet step {step + 1:5d}/{steps}  eps mse {np.mean(recent[-log_every:]):.4f}  "
+                  f"{time.time() - start:6.0f} s", flush=True)
+    return float(np.mean(recent[-max(1, steps // 10):]))
+
+
+def _save_weights(module: torch.nn.Module, path: Path, prefix: str = "") -> None:
+    state = {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_folder(out: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet) -> None:
+    """The diffusers folder: model_index.json, the three networks (config.json + fp16 safetensors), tokenizer/
+    with the CLIP vocabulary and SD 1.x's special tokens, scheduler/scheduler_config.json."""
+    _write_json(out / "model_index.json", MODEL_INDEX)
+    _write_json(out / "vae" / "config.json", {**VAE_CONFIG, "scaling_factor": vae.config.scaling_factor})
+    _save_weights(vae, out / "vae" / "diffusion_pytorch_model.safetensors")
+    _write_json(out / "unet" / "config.json", UNET_CONFIG)
+    _save_weights(unet, out / "unet" / "diffusion_pytorch_model.safetensors")
+    _write_json(out / "text_encoder" / "config.json", TEXT_CONFIG)
+    # nested under text_model., as the SD 1.x releases (and transformers < 5) store it
+    _save_weights(text_encoder, out / "text_encoder" / "model.safetensors", prefix="text_model.")
+    write_clip_tokenizer(out / "tokenizer")
+    _write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdfast.shapes.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the diffusers model to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=30000, help="rendered training images")
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--unet-batch", type=int, default=128)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--quick", action="store_true", help="a few steps of each stage on a little data")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.unet_batch = 64, 3, 4, 3, 8
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    log_every = max(1, min(100, args.unet_steps // 10))
+    start = time.time()
+    images, scenes = make_dataset(args.images, args.seed)
+    print(f"data: {len(images)} images of {len(ALL_SCENES)} scene kinds, {time.time() - start:.0f} s", flush=True)
+
+    vae, text_encoder, unet = build_networks()
+    for name, net in (("vae", vae), ("text encoder", text_encoder), ("unet", unet)):
+        print(f"{name}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters")
+    vae_mse = train_vae(vae.train(), images, args.vae_steps, args.vae_batch, args.vae_lr, generator, log_every)
+    vae.eval().requires_grad_(False)
+    means, stds = encode_dataset(vae, images)
+    latents = means + stds * torch.randn(means.shape, generator=generator)
+    scaling_factor = float(1.0 / latents.std())
+    vae.config = replace(vae.config, scaling_factor=scaling_factor)
+    print(f"latents: std {latents.std():.4f}, mean {latents.mean():.4f} -> scaling_factor {scaling_factor:.5f}")
+
+    tokenizer = Tokenizer.clip()
+    scene_index = {scene: i for i, scene in enumerate(ALL_SCENES)}
+    scene_ids = torch.tensor([scene_index[s] for s in scenes])
+    unet_loss = train_denoiser(text_encoder.train(), unet.train(), means, stds, scene_ids, caption_table(tokenizer),
+                               scaling_factor, args.unet_steps, args.unet_batch, args.unet_lr, generator, log_every)
+    write_folder(args.out, vae, text_encoder.eval(), unet.eval())
+    print(f"final: vae reconstruction mse {vae_mse:.5f}, unet eps mse {unet_loss:.4f}; "
+          f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

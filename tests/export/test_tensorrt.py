@@ -1,0 +1,162 @@
+"""TensorRT engines (sdfast.export.tensorrt): real TensorRT-RTX builds of the tiny model's four networks, without a
+GPU: their I/O and profiles, the engine cache (hit, stale, corrupt), and shapes outside the profiles. Running
+engines needs a CUDA GPU: those tests are marked ``gpu``."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from conftest import rel_err
+
+pytest.importorskip("onnx", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
+
+from sdfast.export import tensorrt as trt  # noqa: E402
+
+if not trt.HAS_TENSORRT:
+    pytest.skip("no TensorRT module: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings",
+                allow_module_level=True)
+
+SHAPES = trt.Shapes.parse(["64x64", "64x64-128x96"], [1, 2], prompt_chunks=2)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines execute only on a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def engines(sd1_onnx):
+    start = time.perf_counter()
+    built = trt.build_engines(sd1_onnx.folder, SHAPES, log=print)
+    print(f"four engines in {time.perf_counter() - start:.1f} s:",
+          {name: e.meta["build_s"] for name, e in built.items()})
+    return built
+
+
+@pytest.fixture
+def folder_copy(sd1_onnx, tmp_path):
+    """A private copy of the export folder (no engines), to damage."""
+    return shutil.copytree(sd1_onnx.folder, tmp_path / "onnx", ignore=shutil.ignore_patterns("engines"))
+
+
+def test_engines_have_the_graphs_io_and_the_asked_profiles(sd1_onnx, engines):
+    manifest = json.loads((sd1_onnx.folder / "manifest.json").read_text())
+    for name, engine in engines.items():
+        assert engine.path.stat().st_size > 0 and engine.meta["build_s"] > 0
+        io = {t["name"]: t for t in engine.meta["io"]}
+        for mode in ("inputs", "outputs"):
+            for graph_io in manifest["networks"][name][mode]:
+                assert io[graph_io["name"]]["dtype"] == graph_io["dtype"]
+                assert io[graph_io["name"]]["mode"] == mode[:-1]
+        assert engine.meta["key_fields"]["flavour"] in ("tensorrt", "tensorrt_rtx")
+    # text encoder: one profile, prompts + negatives in up to 2 chunks each at batch 2
+    assert engines["text_encoder"].meta["profiles"] == [{"input_ids": [[1, 77], [2, 77], [8, 77]]}]
+    # U-Net: one profile per size; the batch doubles under guidance; the context takes up to 2 chunks
+    unet = engines["unet"].meta["profiles"]
+    assert len(unet) == 2
+    assert unet[0]["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 8, 8]]
+    assert unet[1]["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 12, 16]]
+    assert unet[1]["context"] == [[1, 77, 32], [2, 77, 32], [4, 154, 32]]
+    assert engines["vae_decoder"].meta["profiles"][1]["latent"] == [[1, 4, 8, 8], [1, 4, 8, 8], [2, 4, 12, 16]]
+    assert engines["vae_encoder"].meta["profiles"][1]["image"] == [[1, 3, 64, 64], [1, 3, 64, 64], [2, 3, 96, 128]]
+
+
+def test_second_build_loads_from_the_cache(sd1_onnx, engines):
+    mtimes = {name: e.path.stat().st_mtime_ns for name, e in engines.items()}
+    again = trt.build_engines(sd1_onnx.folder, SHAPES, log=print)
+    assert all(e.cached for e in again.values())
+    assert {name: e.path.stat().st_mtime_ns for name, e in again.items()} == mtimes
+    assert trt.find_engine(sd1_onnx.folder, "unet").path == engines["unet"].path
+    other = trt.build_engines(sd1_onnx.folder, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
+    assert not other["text_encoder"].cached  # other profiles: another key, another engine
+
+
+def test_a_changed_onnx_file_makes_the_engine_stale(folder_copy):
+    trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",))
+    path = folder_copy / "text_encoder.onnx"
+    path.write_bytes(path.read_bytes() + b"\n")  # any change to the bytes changes the key
+    with pytest.raises(trt.EngineError, match=r"every one is stale .*onnx_sha256 '[0-9a-f]{64}' \(now '[0-9a-f]{64}'\)"
+                                              r".*Rebuild: sdfast build"):
+        trt.find_engine(folder_copy, "text_encoder")
+    with pytest.raises(trt.EngineError, match=r"no unet engine in .*sdfast build"):
+        trt.find_engine(folder_copy, "unet")
+
+
+def test_a_corrupt_engine_is_refused_then_rebuilt(folder_copy):
+    built = trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",))["text_encoder"]
+    data = bytearray(built.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    built.path.write_bytes(bytes(data))
+    with pytest.raises(trt.EngineError, match=r"is corrupt: its content does not match the sha256"):
+        trt.find_engine(folder_copy, "text_encoder")
+    built.path.write_bytes(bytes(data[:1000]))  # truncated
+    with pytest.raises(trt.EngineError, match="is corrupt"):
+        trt.find_engine(folder_copy, "text_encoder")
+    lines = []
+    rebuilt = trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",), log=lines.append)["text_encoder"]
+    assert not rebuilt.cached and "is corrupt" in lines[0] and "rebuilding" in lines[0]
+    assert trt.find_engine(folder_copy, "text_encoder").meta["engine_sha256"] == rebuilt.meta["engine_sha256"]
+
+
+def test_a_shape_outside_the_profiles_names_the_allowed_ranges(engines):
+    meta = engines["unet"].meta
+    ok = {"sample": (2, 4, 12, 16), "timestep": (2,), "context": (2, 154, 32)}
+    assert trt.check_shapes(meta, ok) == 1
+    assert trt.check_shapes(meta, {**ok, "sample": (2, 4, 8, 8)}) == 0
+    with pytest.raises(trt.EngineError, match=r"unet: sample \(2, 4, 20, 20\).* is outside the engine's profiles; "
+                                              r"allowed: sample \(1\.\.4, 4, 8, 8\).*\| sample \(1\.\.4, 4, 8\.\.12, "
+                                              r"8\.\.16\).*sdfast build DIR --sizes"):
+        trt.check_shapes(meta, {**ok, "sample": (2, 4, 20, 20)})
+    with pytest.raises(trt.EngineError, match=r"context \(1\.\.4, 77\.\.154, 32\)"):
+        trt.check_shapes(meta, {**ok, "context": (2, 231, 32)})
+
+
+def test_bad_build_requests(sd1_onnx, tmp_path):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        trt.Shapes.parse(["500x512"], [1])
+    with pytest.raises(ValueError, match="runs backwards"):
+        trt.Shapes.parse(["768x768-512x512"], [1])
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        trt.Shapes.parse(["big"], [1])
+    if trt.flavour()["flavour"] == "tensorrt_rtx":
+        with pytest.raises(trt.EngineError, match="strongly typed.*--dtype fp16"):
+            trt.build_engines(sd1_onnx.folder, SHAPES, fp16=True)
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        trt.build_engines(tmp_path, SHAPES)
+
+
+def test_fp16_engines_are_fp16(sd2_fp16_onnx):
+    built = trt.build_engines(sd2_fp16_onnx.folder, SHAPES, fp16=True, networks=("unet",))["unet"]
+    io = {t["name"]: t["dtype"] for t in built.meta["io"]}
+    assert io == {"sample": "float16", "timestep": "float32", "context": "float16", "noise": "float16"}
+    assert built.meta["key_fields"]["precision"] == "fp16"
+
+
+def test_the_backend_needs_a_gpu(sd1_onnx, engines):
+    import sdfast
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(trt.EngineError, match="the tensorrt backend runs on a CUDA GPU"):
+        sdfast.load(sd1_onnx.folder, backend="tensorrt")
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("kwargs", [{}, {"clip_skip": 2}, {"image": "img2img"}])
+def test_tensorrt_backend_matches_torch(sd1_onnx, engines, kwargs):
+    """Same seed, same scheduler: the engines' latents equal the torch backend's (fp32 engines; TensorRT may use
+    TF32 for fp32 matmuls, hence 1e-2)."""
+    import numpy as np
+    from PIL import Image
+
+    import sdfast
+
+    pipe = sdfast.load(sd1_onnx.folder, backend="tensorrt", device="cuda")
+    if kwargs.get("image"):
+        kwargs = {"image": Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)),
+                  "strength": 0.6}
+    result = pipe.generate("a red circle", steps=4, seed=3, width=64, height=64, **kwargs)
+    expected = sd1_onnx.torch.generate("a red circle", steps=4, seed=3, width=64, height=64, **kwargs)
+    assert rel_err(result.latents.cpu(), expected.latents) < 1e-2
+    with pytest.raises(trt.EngineError, match="outside the engine's profiles"):
+        pipe.generate("a red circle", steps=1, width=256, height=256)
