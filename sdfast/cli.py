@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def _check_args(args) -> None:
     """Everything that can be checked before the (slow) model load."""
     from .interpolate import STOCHASTIC_SCHEDULERS
@@ -78,6 +81,12 @@ def _check_args(args) -> None:
         raise ValueError(f"--steps {args.steps}: need at least 1")
     if getattr(args, "batch", 1) < 1:
         raise ValueError(f"--batch {args.batch}: need at least 1")
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"-o {args.output}: the file name must end in one of {', '.join(IMAGE_SUFFIXES)} "
+                         "(it picks the image format)")
+    if getattr(args, "previews", None) and args.preview_every < 1:
+        raise ValueError(f"--preview-every {args.preview_every} with --previews: need a step interval >= 1")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(sorted(SCHEDULERS))}")
     if args.command == "interpolate":

@@ -75,6 +75,9 @@ class Pipeline:
         """
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either a prompt or prompt_embeds (from encode_prompt), not both or neither")
+        if latents is not None and image is not None:
+            raise ValueError("latents= is the initial noise of text to image; img2img (image=) draws its own noise "
+                             "from the seed: pass one or the other")
         init_image = _read_image(image) if image is not None else None
         width, height = self._size(width, height, init_image)
         self._check(width, height, steps, scheduler, batch_size, strength, preview_every, preview_decode,
@@ -126,7 +129,9 @@ class Pipeline:
         """Text embeddings as ``generate`` uses them: (2P, 77*K, C) ordered [negatives; prompts] when guiding
         (``guidance_scale`` > 1), else the P prompts' (P, 77*K, C); long prompts are encoded 77 tokens at a time
         and concatenated (K chunks)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt={prompt!r}: need a string or a non-empty list of strings")
         negatives = negative_prompt if negative_prompt is not None else ""
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
         if len(negatives) != len(prompts):
@@ -186,6 +191,12 @@ class Pipeline:
 
     def _check(self, width, height, steps, scheduler, batch_size, strength, preview_every, preview_decode,
                guidance_scale) -> None:
+        for name, value in (("width", width), ("height", height), ("batch_size", batch_size),
+                            ("preview_every", preview_every)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}: need an integer")
+        if not isinstance(guidance_scale, (int, float, np.number)) or isinstance(guidance_scale, bool):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: need a number")
         f = self.vae_scale_factor
         if width % f or height % f or width <= 0 or height <= 0:
             raise ValueError(f"size {width}x{height} is not a positive multiple of {f}: use e.g. "
@@ -235,7 +246,7 @@ def load(path=None, device="cpu", dtype=None, *, overrides: dict | None = None, 
         dtype = _DTYPES[dtype]
     if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
-    device = torch.device(device)
+    device = _device(device)
     path = Path(path).expanduser() if path is not None else DEFAULT_MODEL
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a diffusers folder or a .safetensors / .ckpt file")
@@ -258,6 +269,24 @@ def load(path=None, device="cpu", dtype=None, *, overrides: dict | None = None, 
     pipe = Pipeline(parts.tokenizer, parts.text_encoder, parts.unet, parts.vae, parts.scheduler_config,
                     device, dtype)
     return backends.apply(backend, pipe, device=final_device, **backend_options)
+
+
+def _device(device) -> torch.device:
+    """``device`` as a torch.device that exists here, or a ValueError saying what is available."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:N'") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count:
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU (torch "
+                             f"{torch.__version__}): use device='cpu'")
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    return device
 
 
 def _read_image(image) -> Image.Image:

@@ -99,7 +99,12 @@ def _randn(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype) 
     """Noise shaped like `like`, drawn on the generator's device then moved, as diffusers' randn_tensor does,
     so one seeded generator yields the same numbers here and there."""
     device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, dtype=dtype, device=device).to(like.device)
+    noise = torch.randn(like.shape, generator=generator, dtype=dtype, device=device)
+    if noise.device == like.device:
+        return noise
+    if like.device.type == "cuda":  # pinned host memory: the copy does not block the host on the GPU's queue
+        return noise.pin_memory().to(like.device, non_blocking=True)
+    return noise.to(like.device)
 
 
 class Scheduler:

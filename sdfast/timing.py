@@ -6,6 +6,7 @@ loop, and all intervals are read once at the end. On CPU the clock is ``time.per
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from contextlib import contextmanager
@@ -18,13 +19,14 @@ class Recorder:
     """Collects named intervals; ``resolve()`` turns them into milliseconds (one device sync, at the end)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self._spans: list[tuple[str, object, object]] = []
 
     def _mark(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the stream the pipeline's work runs on
             return event
         return time.perf_counter()
 
@@ -36,7 +38,7 @@ class Recorder:
 
     def resolve(self) -> dict[str, list[float]]:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         out: dict[str, list[float]] = {}
         for name, start, end in self._spans:
             ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
@@ -94,8 +96,8 @@ def _stats(values: list[float]) -> dict[str, float]:
         return {}
     ordered = sorted(values)
 
-    def pct(q: float) -> float:  # nearest-rank percentile
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+    def pct(q: float) -> float:  # nearest-rank percentile: the smallest value with at least q of the values <= it
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
     return {"p50": statistics.median(ordered), "p90": pct(0.9), "p99": pct(0.99), "min": ordered[0],
             "mean": statistics.fmean(ordered)}

@@ -42,6 +42,7 @@ def test_img2img(sd1, tmp_path):
     (["img2img", "BAD", "x"], "cannot read image"),
     (["generate", "x", "--model", "/no/such/model"], "model /no/such/model does not exist"),
     (["generate", "x", "--model", "NOTSD"], "not a diffusers pipeline folder"),
+    (["generate", "x", "--previews", "prev", "--preview-every", "0"], "--preview-every 0 with --previews"),
 ])
 def test_bad_input_exits_2_with_one_line(sd1, tmp_path, capsys, argv, message):
     Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
@@ -61,3 +62,9 @@ def test_missing_model_from_the_installed_command(tmp_path):
                            "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"sdfast generate: error: model {missing} does not exist"
+
+
+def test_unknown_output_format_is_refused_before_generating(sd1, tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(sd1.path), "-o", str(tmp_path / "o.tiff")]) == 2
+    assert "must end in one of .png, .jpg, .jpeg, .webp" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -9,6 +9,7 @@ from PIL import Image
 
 import sdfast
 from conftest import rel_err
+from sdfast.sampler import latent_preview
 
 # sdfast name -> (diffusers class, extra config)
 DIFFUSERS = {
@@ -149,6 +150,10 @@ def test_previews_sharpen_towards_the_result(pipes):
     result = pipe.generate("a cat", steps=6, scheduler="euler", seed=0, preview_every=2)
     assert [step for step, _ in result.previews] == [2, 4, 6]
     assert all(im.size == (64, 64) for _, ims in result.previews for im in ims)
+    # Euler's last step lands on its clean estimate, so the last preview is the preview of the result's latents
+    final = np.asarray(latent_preview(result.latents, (64, 64))[0], dtype=np.float64)
+    dist = [np.abs(np.asarray(ims[0], dtype=np.float64) - final).mean() for _, ims in result.previews]
+    assert dist[-1] < 1.0 and dist[0] > dist[-1]
     vae = pipe.generate("a cat", steps=2, scheduler="euler", seed=0, preview_every=1, preview_decode="vae")
     assert [step for step, _ in vae.previews] == [1, 2] and vae.previews[0][1][0].size == (64, 64)
     assert vae.timings.preview_ms > 0
@@ -162,6 +167,12 @@ def test_long_prompts_are_chunked(pipes):
     chunked = pipe.generate(long, steps=1, seed=0, long_prompts=True)
     short = pipe.generate(long, steps=1, seed=0, long_prompts=True, guidance_scale=1.0)
     assert chunked.latents.shape == short.latents.shape == (1, 4, 8, 8)
+    with pytest.warns(UserWarning, match="truncated"):
+        truncated = pipe.encode_prompt(long, guidance_scale=1.0)
+    embeds = pipe.encode_prompt(long, guidance_scale=1.0, long_prompts=True)
+    assert truncated.shape[1] == 77 and embeds.shape[1] == 154  # 2 chunks of 75 tokens + start/end each
+    torch.testing.assert_close(embeds[:, :77], truncated)  # the first chunk is the truncated prompt
+    assert not torch.allclose(embeds[:, 77:], truncated)  # the second chunk carries the dropped words
 
 
 def test_timings_cover_every_stage(pipes):
@@ -184,11 +195,30 @@ def test_timings_cover_every_stage(pipes):
     (dict(latents=torch.zeros(1, 4, 4, 4)), r"latents have shape \(1, 4, 4, 4\) but this request needs"),
     (dict(image="/nonexistent.png"), r"cannot read image '/nonexistent.png'"),
     (dict(negative_prompt=["a", "b"]), r"2 negative prompts for 1 prompts"),
+    (dict(width=64.0), r"width=64.0: need an integer"),
+    (dict(batch_size="2"), r"batch_size='2': need an integer"),
+    (dict(guidance_scale="7"), r"guidance_scale='7': need a number"),
+    (dict(guidance_scale=float("nan")), r"guidance_scale=nan is not a finite number"),
+    (dict(latents=torch.zeros(1, 4, 8, 8), image=Image.new("RGB", (64, 64))), r"pass one or the other"),
 ])
 def test_bad_input_is_a_clear_error(pipes, kwargs, message):
     _, pipe = pipes["sd1"]
     with pytest.raises(ValueError, match=message):
         pipe.generate("a cat", **{"steps": 2, **kwargs})
+
+
+@pytest.mark.parametrize("prompt", [[], ["a", 3], 5])
+def test_prompt_must_be_text(pipes, prompt):
+    _, pipe = pipes["sd1"]
+    with pytest.raises(ValueError, match="need a string or a non-empty list of strings"):
+        pipe.generate(prompt, steps=1)
+
+
+@pytest.mark.parametrize("device, message", [("cuda:7", "no CUDA GPU|does not exist"), ("tpu", "not a device name"),
+                                             ("meta", "not supported")])
+def test_load_refuses_devices_it_cannot_use(sd1, device, message):
+    with pytest.raises(ValueError, match=message):
+        sdfast.load(sd1.path, device=device)
 
 
 def test_nan_is_never_returned_as_an_image(pipes, monkeypatch):

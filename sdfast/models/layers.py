@@ -15,7 +15,10 @@ from torch import nn
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:
     """Multi-head attention over token-major tensors, the layout the projections produce.
 
-    q: (B, N, H*D), k and v: (B, M, H*D) -> (B, N, H*D). ``upcast`` runs it in fp32 (SD 2.1-v needs that in fp16).
+    q: (B, N, H*D), k and v: (B, M, H*D) -> (B, N, H*D). ``upcast`` runs it in fp32 (SD 2.1-v's
+    config asks for it: its fp16 attention logits can overflow). diffusers' SDPA processor ignores the flag and relies
+    on the fused kernels' fp32 softmax; sdfast honours it, and a kernel put behind this seam must too (fp32 logits and
+    softmax statistics), so exported graphs stay finite on runtimes whose fp16 softmax is not fused.
     """
     b, n, inner = q.shape
     d = inner // heads
