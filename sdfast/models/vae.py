@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Attention, GroupNorm
-from .unet import ResnetBlock
+from .unet import ResnetBlock, Upsample  # the same nearest-neighbour x2 + 3x3 conv in both networks
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,11 @@ class VAEConfig:
     block_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     norm_groups: int = 32
-    # latents are scaled by this before the U-Net sees them (unit variance); 0.18215 for SD 1.x / 2.x
+    # latents are scaled by this before the U-Net sees them (unit variance); 0.18215 for SD 1.x / 2.x, 0.13025 XL
     scaling_factor: float = 0.18215
+    # decode in fp32 when the pipeline runs in fp16: SDXL's VAE overflows there (its fp16-fixed variant says False).
+    # As in diffusers, only SDXL pipelines read it (diffusers writes its default, True, into every VAE config).
+    force_upcast: bool = True
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "VAEConfig":
@@ -40,6 +43,7 @@ class VAEConfig:
             layers_per_block=cfg.get("layers_per_block", 2),
             norm_groups=cfg.get("norm_num_groups", 32),
             scaling_factor=cfg.get("scaling_factor", 0.18215),
+            force_upcast=cfg.get("force_upcast", True),
         )
 
 
@@ -101,15 +105,6 @@ class DecoderBlock(nn.Module):
         for resnet in self.resnets:
             x = resnet(x)
         return self.upsamplers[0](x) if hasattr(self, "upsamplers") else x
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Encoder(nn.Module):
