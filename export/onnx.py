@@ -28,7 +28,7 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,8 +57,9 @@ MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up
 # Relative L2 error of each graph on ONNX Runtime (CPU) against the torch model in the same dtype. fp32 graphs
 # measure ~1e-6; fp16 ones up to ~2e-3, as ORT upcasts the ops it has no fp16 kernel for and torch does not.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-# Protobuf cannot serialise a message over 2 GiB: bigger graphs keep their weights in ``NAME.onnx.data``.
-EXTERNAL_DATA_BYTES = 2**31 - 1
+# Protobuf cannot serialise a message over 2 GiB: graphs whose weights pass this keep them in ``NAME.onnx.data``.
+# 64 MiB under the limit leaves room for what is not weights (nodes, names, shapes).
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
 
 
 class ExportError(ValueError):
@@ -225,6 +226,17 @@ def slim(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict]:
                      "removed": dict(sorted((before - after).items())), "added": dict(sorted((after - before).items()))}
 
 
+def slim_summary(report: dict, most: int = 4) -> str:
+    """One line of what onnxslim changed: the ops it removed (and added), most frequent first."""
+    def ops(counts: dict) -> str:
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ", ".join(f"{op} {n}" for op, n in top[:most]) + (", ..." if len(top) > most else "")
+    parts = [f"removed {ops(report['removed'])}" if report["removed"] else "removed nothing"]
+    if report["added"]:
+        parts.append(f"added {ops(report['added'])}")
+    return "; ".join(parts)
+
+
 def save(model: "onnx.ModelProto", path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> str | None:
     """Write ``path``; weights go to ``path.name + '.data'`` beside it when they pass ``external_data_bytes``.
     Returns the external data file's name, or None."""
@@ -239,15 +251,20 @@ def save(model: "onnx.ModelProto", path: Path, external_data_bytes: int = EXTERN
     return data.name
 
 
+def sha256_files(*paths: Path) -> str:
+    """sha256 over the bytes of ``paths``, in order, read in 16 MiB blocks (engines and graphs pass 2 GB)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def file_hash(path: Path) -> str:
     """sha256 of an ONNX file and its external data file, if any: what an engine is keyed by."""
-    h = hashlib.sha256()
-    for p in (path, path.with_name(path.name + ".data")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-    return h.hexdigest()
+    data = path.with_name(path.name + ".data")
+    return sha256_files(path, *([data] if data.is_file() else []))
 
 
 def io_description(model: "onnx.ModelProto") -> tuple[list[dict], list[dict]]:
@@ -351,6 +368,9 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
     against the torch model (``check_graphs``). Returns the manifest. ``log(line)`` hears about each network;
     ``model_hash`` saves hashing the weights again when the caller has done it."""
     require_onnx()
+    if getattr(pipe.unet.config, "added_time_dim", None) is not None:
+        raise ExportError("ONNX export covers SD 1.x / 2.x; this is an SDXL pipeline (two text encoders, the U-Net's "
+                          "added text/size conditions), which runs on the torch backend for now")
     dtype = _dtype_name(pipe.dtype)
     if pipe.device.type != "cpu":
         raise ExportError(f"export runs on the CPU; load the model with device='cpu' (it is on {pipe.device})")
@@ -373,7 +393,7 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
             r = reports[spec.name]
             err = max(r.check["rel_err"].values()) if r.check else float("nan")
             log(f"{r.file}: {r.bytes / 2**20:.1f} MiB, {r.slim['nodes_before']} -> {r.slim['nodes_after']} nodes "
-                f"after onnxslim, rel. error {err:.1e} on ONNX Runtime, {r.export_s:.1f} s")
+                f"after onnxslim ({slim_summary(r.slim)}), rel. error {err:.1e} on ONNX Runtime, {r.export_s:.1f} s")
     pipe.tokenizer.save(folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=1))

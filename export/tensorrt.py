@@ -11,9 +11,10 @@ TensorRT, ``fp16=True`` on fp32 graphs also allows the classic mixed-precision b
 
 Each engine sits in ``DIR/engines/NETWORK-KEY.engine`` beside a sidecar ``NETWORK-KEY.json``. KEY hashes what the
 engine depends on: the ONNX file's sha256, the optimisation profiles, the precision, the TensorRT flavour and
-version, and the GPU. A build whose key has an engine loads it instead of building; the sidecar also records the
-engine's own sha256, so a truncated or altered engine is refused, and an engine built from another ONNX file,
-TensorRT or GPU is reported as stale with what differs.
+version, and the GPU (for TensorRT-RTX: its portable target set, see ``gpu``). A build whose key has an engine loads
+it instead of building; the sidecar also records the engine's own sha256, so a truncated or altered engine is
+refused, and an engine built from another ONNX file, TensorRT or GPU is reported as stale with what differs.
+Full TensorRT builds share a timing cache, ``engines/timing-KEY.cache`` (KEY: TensorRT version and GPU).
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from .onnx import NETWORKS, file_hash, read_manifest
+from .onnx import NETWORKS, file_hash, read_manifest, sha256_files
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")  # preference order
 HAS_TENSORRT = any(importlib.util.find_spec(name) is not None for name in FLAVOURS)
 ENGINES = "engines"
-TIMING_CACHE = "timing.cache"
 
 
 class EngineError(ValueError):
@@ -61,9 +61,14 @@ def flavour() -> dict[str, str]:
 
 
 def gpu() -> str:
-    """The GPU an engine is built for or run on; engines are keyed by it."""
+    """The GPU(s) an engine is built for; engines are keyed by it. Full TensorRT tunes an engine for the GPU that
+    builds it, and the engine runs only there. TensorRT-RTX builds a portable engine for its default targets (sm_80,
+    sm_86, sm_89, sm_120 and later), GPU or not, and compiles it for the actual GPU when it loads, so an engine
+    built on a CPU-only machine serves any of those GPUs and this machine's GPU is not part of its key."""
+    if flavour()["flavour"] == "tensorrt_rtx":
+        return "portable (TensorRT-RTX default targets)"
     if not torch.cuda.is_available():
-        return "none (ahead-of-time build)"
+        return "none"
     major, minor = torch.cuda.get_device_capability()
     return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
 
@@ -163,14 +168,6 @@ def engine_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Engine:
     """One engine on disk and its sidecar. ``cached``: loaded from the cache rather than built now."""
@@ -191,7 +188,7 @@ def verified(path: Path) -> dict:
     if not path.is_file():
         raise EngineError(f"engine {path} is missing (its sidecar {sidecar.name} is there): rebuild it with "
                           "`sdfast build`")
-    if path.stat().st_size != meta["engine_bytes"] or _sha256(path) != meta["engine_sha256"]:
+    if path.stat().st_size != meta.get("engine_bytes") or sha256_files(path) != meta.get("engine_sha256"):
         raise EngineError(f"engine {path} is corrupt: its content does not match the sha256 its sidecar recorded "
                           "when it was built (truncated or overwritten?). Delete it and run `sdfast build` again")
     return meta
@@ -212,13 +209,17 @@ def find_engine(folder, network: str) -> Engine:
     stale = []
     candidates = []
     for sidecar in sorted((folder / ENGINES).glob(f"{network}-*.json")):
-        meta = json.loads(sidecar.read_text())
-        differs = [f"{k} {meta['key_fields'].get(k)!r} (now {v!r})" for k, v in current.items()
-                   if meta["key_fields"].get(k) != v]
+        try:
+            meta = json.loads(sidecar.read_text())
+            built, built_at = meta["key_fields"], meta["built_at"]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            stale.append(f"{sidecar.name}: unreadable sidecar ({type(e).__name__})")
+            continue
+        differs = [f"{k} {built.get(k)!r} (now {v!r})" for k, v in current.items() if built.get(k) != v]
         if differs:
             stale.append(f"{sidecar.with_suffix('.engine').name}: {'; '.join(differs)}")
         else:
-            candidates.append((meta["built_at"], sidecar.with_suffix(".engine")))
+            candidates.append((built_at, sidecar.with_suffix(".engine")))
     if candidates:
         path = max(candidates)[1]
         return Engine(path, verified(path), cached=True)
@@ -264,6 +265,12 @@ def _precision(dtype: str, fp16: bool) -> str:
     return "fp16-mixed"  # fp32 graphs, fp16 kernels where TensorRT finds them faster (BuilderFlag.FP16)
 
 
+def timing_cache_path(folder: Path, fields: dict) -> Path:
+    """``engines/timing-KEY.cache``: one timing cache per TensorRT version and GPU, shared by all networks."""
+    key = engine_key({k: fields[k] for k in ("flavour", "version", "gpu")})
+    return folder / ENGINES / f"timing-{key[:12]}.cache"
+
+
 def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: str, path: Path, log) -> Engine:
     onnx_path = folder / manifest["networks"][network]["file"]
     logger = trt.Logger(trt.Logger.ERROR)
@@ -287,9 +294,10 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
         for name, (lo, opt, hi) in network_profile.items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
-    # TensorRT-RTX picks kernels without timing them (its timing-cache calls are no-ops since 1.2); full TensorRT
-    # reuses the tactic timings of every earlier build in this folder.
-    timing_cache = folder / ENGINES / TIMING_CACHE if fields["flavour"] == "tensorrt" else None
+    # Full TensorRT reuses the tactic timings of every earlier build in this folder with the same TensorRT and GPU
+    # (a timing cache holds only those). TensorRT-RTX does not time tactics: its timing-cache calls are no-ops since
+    # 1.2 and would demand a GPU at build time; its runtime cache (sdfast.backends.tensorrt) plays that part.
+    timing_cache = timing_cache_path(folder, fields) if fields["flavour"] == "tensorrt" else None
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
@@ -308,7 +316,7 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
                                 ("output", [graph.get_output(i) for i in range(graph.num_outputs)]))
           for t in tensors]
     meta = {"network": network, "key": key, "key_fields": fields, "profiles": fields["profiles"], "io": io,
-            "onnx_file": onnx_path.name, "engine_bytes": path.stat().st_size, "engine_sha256": _sha256(path),
+            "onnx_file": onnx_path.name, "engine_bytes": path.stat().st_size, "engine_sha256": sha256_files(path),
             "build_s": round(build_s, 2), "timing_cache": timing_cache is not None, "built_at": time.time()}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     log(f"{path.name}: built in {build_s:.1f} s ({network}, {fields['precision']}, {fields['flavour']} "

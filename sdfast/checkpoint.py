@@ -9,7 +9,7 @@ this module only reads files, checks keys and shapes, and materialises the netwo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -186,13 +186,23 @@ def find_weights(folder: Path) -> WeightFile:
 
 @dataclass
 class Components:
-    """The networks and configs of one Stable Diffusion checkpoint, loaded."""
+    """The networks and configs of one Stable Diffusion checkpoint, loaded. SDXL adds the OpenCLIP bigG encoder
+    (``text_encoder_2``, ``tokenizer_2``) and diffusers' pipeline options; the SDXL refiner has only that encoder
+    (``text_encoder`` and ``tokenizer`` None)."""
 
-    text_encoder: nn.Module
+    text_encoder: nn.Module | None
     unet: nn.Module
     vae: nn.Module
     scheduler_config: dict
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Tokenizer | None = None
+    # model_index.json's force_zeros_for_empty_prompt / requires_aesthetics_score (SDXL pipelines only)
+    options: dict = field(default_factory=dict)
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD 1.x / 2.x: the first; SDXL: both; the refiner: the second
+PIPELINE_OPTIONS = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": False}
 
 
 def sources_from_rules(rules: Iterable[layouts.Rule]) -> dict[str, Source]:
@@ -200,48 +210,85 @@ def sources_from_rules(rules: Iterable[layouts.Rule]) -> dict[str, Source]:
             for r in rules}
 
 
+def _listed(index: dict, part: str) -> bool:
+    """Whether model_index.json names a network for ``part`` (the SDXL refiner lists text_encoder as [null, null])."""
+    entry = index.get(part)
+    return bool(entry) and not (isinstance(entry, list) and entry[0] is None)
+
+
 def load_diffusers(folder: Path, device, dtype) -> Components:
-    """A diffusers folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    """A diffusers folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also has
+    text_encoder_2/ and tokenizer_2/ (the refiner only those two)."""
     index = read_json(folder / "model_index.json")
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae"):
         if part not in index:
             raise CheckpointError(f"{folder / 'model_index.json'} lists no {part!r}: not a Stable Diffusion pipeline")
-    te_weights = find_weights(folder / "text_encoder")
-    te_sources = sources_from_rules(layouts.diffusers_rules("text_encoder", te_weights.keys()))
-    unet_cfg, vae_cfg, te_cfg = _network_configs(
-        read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json"),
-        read_json(folder / "text_encoder" / "config.json"), has_projection="text_projection.weight" in te_sources,
-        where=folder)
-    try:
-        tokenizer = Tokenizer.from_folder(folder / "tokenizer")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'tokenizer'}: {e}") from e
+    encoders = [part for part in TEXT_ENCODERS if _listed(index, part)]
+    if not encoders:
+        raise CheckpointError(f"{folder / 'model_index.json'} lists no 'text_encoder': not a Stable Diffusion "
+                              "pipeline")
+    weights, sources, text_cfgs = {}, {}, {}
+    for part in encoders:
+        weights[part] = find_weights(folder / part)
+        sources[part] = sources_from_rules(layouts.diffusers_rules(part, weights[part].keys()))
+        text_cfgs[part] = (read_json(folder / part / "config.json"), "text_projection.weight" in sources[part])
+    options = {key: bool(index.get(key, default)) for key, default in PIPELINE_OPTIONS.items()}
+    unet_cfg, vae_cfg, te_cfgs = _network_configs(
+        read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json"), text_cfgs,
+        options, where=folder)
+    tokenizers = {}
+    for part in encoders:
+        tok = part.replace("text_encoder", "tokenizer")
+        try:
+            tokenizers[part] = Tokenizer.from_folder(folder / tok)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder / tok}: {e}") from e
+    encoders_loaded = {part: materialize(lambda cfg=te_cfgs[part]: CLIPTextModel(cfg), sources[part], weights[part],
+                                         component=part, device=device, dtype=dtype)
+                       for part in encoders}
     return Components(
-        text_encoder=materialize(lambda: CLIPTextModel(te_cfg), te_sources, te_weights,
-                                 component="text_encoder", device=device, dtype=dtype),
+        text_encoder=encoders_loaded.get("text_encoder"),
         unet=_load_diffusers_part(folder / "unet", "unet", lambda: UNet(unet_cfg), device, dtype),
         vae=_load_diffusers_part(folder / "vae", "vae", lambda: AutoencoderKL(vae_cfg), device, dtype),
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-        tokenizer=tokenizer,
+        tokenizer=tokenizers.get("text_encoder"),
+        text_encoder_2=encoders_loaded.get("text_encoder_2"),
+        tokenizer_2=tokenizers.get("text_encoder_2"),
+        options=options if unet_cfg.added_time_dim is not None else {},
     )
 
 
-def _network_configs(unet: dict, vae: dict, text: dict, *, has_projection: bool, where: Path):
-    """The three networks' configs from diffusers / transformers config dicts, checked to fit together."""
+def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]], options: dict, *, where: Path):
+    """The networks' configs from diffusers / transformers config dicts, checked to fit together. ``texts`` maps
+    each text encoder present to (its config, whether its weights hold a text_projection)."""
     try:
         unet_cfg = UNetConfig.from_diffusers(unet)
         vae_cfg = VAEConfig.from_diffusers(vae)
-        te_cfg = CLIPTextConfig.from_transformers(text, has_projection)
+        te_cfgs = {part: CLIPTextConfig.from_transformers(cfg, projected) for part, (cfg, projected) in texts.items()}
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from e
     if not unet_cfg.in_channels == unet_cfg.out_channels == vae_cfg.latent_channels:
         raise CheckpointError(f"{where}: the U-Net takes {unet_cfg.in_channels} channels and predicts "
                               f"{unet_cfg.out_channels} for a {vae_cfg.latent_channels}-channel VAE: inpainting and "
                               "instruct-pix2pix U-Nets are not supported")
-    if te_cfg.hidden_size != unet_cfg.context_dim:
-        raise CheckpointError(f"{where}: the text encoder is {te_cfg.hidden_size} wide but the U-Net cross-attends "
+    width = sum(cfg.hidden_size for cfg in te_cfgs.values())  # SDXL concatenates its two encoders' states
+    if width != unet_cfg.context_dim:
+        widths = " + ".join(str(cfg.hidden_size) for cfg in te_cfgs.values())
+        raise CheckpointError(f"{where}: the text encoders are {widths} wide but the U-Net cross-attends "
                               f"to {unet_cfg.context_dim}: these networks do not belong together")
-    return unet_cfg, vae_cfg, te_cfg
+    xl, has_second = unet_cfg.added_time_dim is not None, "text_encoder_2" in te_cfgs
+    if xl != has_second:
+        raise CheckpointError(f"{where}: an SDXL U-Net needs the second (OpenCLIP) text encoder, and only an SDXL "
+                              f"U-Net takes one (U-Net SDXL: {xl}, text_encoder_2: {has_second})")
+    if xl:
+        pooled = te_cfgs["text_encoder_2"].projection_dim
+        numbers = 5 if options.get("requires_aesthetics_score") else 6
+        if pooled is None or pooled + numbers * unet_cfg.added_time_dim != unet_cfg.added_cond_dim:
+            raise CheckpointError(
+                f"{where}: the U-Net's added embedding takes {unet_cfg.added_cond_dim} inputs, not the pooled text "
+                f"({pooled}) + {numbers} micro-conditioning numbers x {unet_cfg.added_time_dim}: "
+                "requires_aesthetics_score (True for the refiner) or text_encoder_2's projection do not match")
+    return unet_cfg, vae_cfg, te_cfgs
 
 
 def _load_diffusers_part(folder: Path, component: str, build, device, dtype) -> nn.Module:
@@ -259,23 +306,31 @@ def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -
         configs = layouts.infer_configs(shapes, global_step=_global_step(weights), overrides=overrides)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    unet_cfg, vae_cfg, te_cfg = _network_configs(configs["unet"], configs["vae"], configs["text_encoder"],
-                                                 has_projection=False, where=path)
+    family = configs["family"]
+    texts = {part: (configs[part], part == "text_encoder_2") for part in TEXT_ENCODERS if part in configs}
+    options = configs.get("pipeline", {})
+    unet_cfg, vae_cfg, te_cfgs = _network_configs(configs["unet"], configs["vae"], texts, options, where=path)
     builds = {"unet": lambda: UNet(unet_cfg), "vae": lambda: AutoencoderKL(vae_cfg),
-              "text_encoder": lambda: CLIPTextModel(te_cfg)}
+              **{part: (lambda cfg=cfg: CLIPTextModel(cfg)) for part, cfg in te_cfgs.items()}}
     nets = {}
     for component, build in builds.items():
-        rules = layouts.original_rules(component, configs[component])
+        rules = layouts.original_rules(component, configs[component], family)
         sources = sources_from_rules(rules)
         used = {r.source for r in rules}
         unexpected = [k for k in shapes if layouts.component_of(k) == component and k not in used
                       and not layouts.is_ignored(k, configs)]
         nets[component] = materialize(build, sources, weights, component=component, unexpected=unexpected,
                                       device=device, dtype=dtype)
+    unused = sorted({layouts.component_of(k) for k in shapes} - set(builds) - {None})
+    if unused:  # e.g. a text encoder under a prefix this family does not read
+        raise CheckpointError(f"{path}: weights for {unused} that a {family} file does not use")
     return Components(
-        text_encoder=nets["text_encoder"], unet=nets["unet"], vae=nets["vae"],
+        text_encoder=nets.get("text_encoder"), unet=nets["unet"], vae=nets["vae"],
         scheduler_config=configs["scheduler"],
-        tokenizer=Tokenizer.clip(pad_token=configs["pad_token"]),
+        tokenizer=Tokenizer.clip(pad_token=configs["pad_token"]) if "text_encoder" in nets else None,
+        text_encoder_2=nets.get("text_encoder_2"),
+        tokenizer_2=Tokenizer.clip(pad_token=configs["pad_token_2"]) if "text_encoder_2" in nets else None,
+        options=options,
     )
 
 

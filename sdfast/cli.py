@@ -24,21 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdfast", description="Fast, measured Stable Diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    base = argparse.ArgumentParser(add_help=False)
-    base.add_argument("-o", "--output", default="out.png", help="output PNG (with --batch N: out-0.png, ...)")
-    base.add_argument("--model", default=os.environ.get("SDFAST_MODEL"),
-                      help="diffusers folder or original-layout .safetensors/.ckpt (default: $SDFAST_MODEL, "
-                           "else the shapes model that ships with sdfast)")
-    base.add_argument("--negative", default=None, help="negative prompt")
-    base.add_argument("--steps", type=int, default=30)
-    base.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
-    base.add_argument("--scheduler", default="euler")
-    base.add_argument("--seed", type=int, default=None, help="default: random (printed, to reproduce)")
-    base.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's size)")
-    base.add_argument("--height", type=int, default=None)
-    base.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    base.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
-
+    base = _base_options("out.png", "output PNG (with --batch N: out-0.png, ...)", None,
+                         "default: random (printed, to reproduce)")
     common = argparse.ArgumentParser(add_help=False, parents=[base])
     common.add_argument("--batch", type=int, default=1, help="images per prompt")
     common.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer, 2 = penultimate, ...")
@@ -46,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--previews", type=Path, default=None, help="folder for step-by-step previews")
     common.add_argument("--preview-every", type=int, default=1, help="with --previews: every N steps")
     common.add_argument("--timings", type=Path, default=None, help="write the per-step timings as JSON here")
-    common.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt (--model may then be a "
-                        "folder written by `sdfast export`)")
+    common.add_argument("--backend", default="torch", help="torch, triton, compile, onnxruntime or tensorrt "
+                        "(for the last two --model may be a folder written by `sdfast export`)")
 
     gen = sub.add_parser("generate", parents=[common], help="text to image")
     gen.add_argument("prompt")
@@ -55,14 +42,37 @@ def _parser() -> argparse.ArgumentParser:
     i2i.add_argument("image", type=Path)
     i2i.add_argument("prompt")
     i2i.add_argument("--strength", type=float, default=0.8, help="0: keep the image, 1: ignore it")
-    inter = sub.add_parser("interpolate", parents=[base], help="a strip of frames from one prompt to another")
+    # a fixed default seed: the same command redraws the same strip
+    inter = sub.add_parser("interpolate", parents=[_base_options("strip.png", "output PNG", 0, "noise of the first "
+                           "frame (default: 0)")], help="a strip of frames from one prompt to another")
     inter.add_argument("prompt_a")
     inter.add_argument("prompt_b")
     inter.add_argument("--frames", type=int, default=8, help="frames in the strip, both ends included")
     inter.add_argument("--seed-b", type=int, default=None, help="noise of the last frame (default: --seed's)")
-    inter.set_defaults(output="strip.png", seed=0)  # a fixed seed: the same command redraws the same strip
     _deployment_parsers(sub)
+    _serve_parser(sub)
+    _bench_parser(sub)
     return parser
+
+
+def _base_options(output: str, output_help: str, seed: int | None, seed_help: str) -> argparse.ArgumentParser:
+    """The options every image command takes, as a parent parser. One fresh parser per command: argparse shares a
+    parent's option objects between its children, so a default set for one command would change the others'."""
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("-o", "--output", default=output, help=output_help)
+    base.add_argument("--model", default=os.environ.get("SDFAST_MODEL"),
+                      help="diffusers folder or original-layout .safetensors/.ckpt (default: $SDFAST_MODEL, "
+                           "else the shapes model that ships with sdfast)")
+    base.add_argument("--negative", default=None, help="negative prompt")
+    base.add_argument("--steps", type=int, default=30)
+    base.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    base.add_argument("--scheduler", default="euler")
+    base.add_argument("--seed", type=int, default=seed, help=seed_help)
+    base.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's size)")
+    base.add_argument("--height", type=int, default=None)
+    base.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    base.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    return base
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -221,17 +231,168 @@ def run_build(args) -> None:
     info = flavour()
     built = sum(not e.cached for e in engines.values())
     print(f"{args.folder / 'engines'}: {built} built, {len(engines) - built} from the cache, with "
-          f"{info['flavour']} {info['version']} for GPU {gpu()}, in {time.perf_counter() - start:.1f} s")
+          f"{info['flavour']} {info['version']} (GPU: {gpu()}), in {time.perf_counter() - start:.1f} s")
+
+
+# -- `sdfast serve`: an HTTP service on Ray Serve; see sdfast.serve --
+
+
+def _serve_parser(sub) -> None:
+    srv = sub.add_parser("serve", help="an HTTP service on Ray Serve (POST /v1/txt2img, /v1/img2img)")
+    srv.add_argument("model", nargs="?", default=os.environ.get("SDFAST_MODEL"),
+                     help="diffusers folder or .safetensors/.ckpt on this machine (default: $SDFAST_MODEL, else "
+                          "the shipped shapes model); requests can never name another")
+    srv.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
+    srv.add_argument("--replicas", type=int, default=1, help="pipeline replicas, one GPU each where there are GPUs")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs $SDFAST_API_KEY)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--address", default=None, help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of "
+                     "starting a local one")
+    srv.add_argument("--gpus", default="auto", help="auto (one per replica when the cluster has GPUs), 0 or 1")
+    srv.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on a GPU, fp32 on the CPU)")
+    srv.add_argument("--max-batch", type=int, default=4, help="images per batched call (1: no batching)")
+    srv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for batch-mates")
+    srv.add_argument("--max-queued", type=int, default=16, help="requests waiting for a replica before 503s")
+
+
+def run_serve(args) -> None:
+    import signal
+    import threading
+
+    from .serve import require_serve
+    from .serve.options import ServeOptions
+
+    require_serve()
+    if args.model and not Path(args.model).exists():
+        raise ValueError(f"model {args.model} does not exist")
+    options = ServeOptions(model=args.model, backend=args.backend, replicas=args.replicas, host=args.host,
+                           port=args.port, gpus=args.gpus, dtype=args.dtype, max_batch=args.max_batch,
+                           batch_wait_s=args.batch_wait_ms / 1e3, max_queued_requests=args.max_queued)
+    from ray import serve
+
+    from .serve.app import start
+
+    start(options, address=args.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"sdfast serve: http://{args.host}:{args.port} ({args.replicas} replica(s) of "
+          f"{args.model or 'the default model'}, backend {args.backend}); Ctrl-C drains and stops", flush=True)
+    stop.wait()
+    print("sdfast serve: draining in-flight requests, then stopping", flush=True)
+    serve.shutdown()
+
+
+# -- `sdfast bench`: latency of every backend beside diffusers' pipeline, and comparing runs; see sdfast.bench --
+
+
+def _bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="latency per network and step across backends, beside diffusers'")
+    which = bench.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="diffusers folder, .safetensors/.ckpt or `sdfast export` "
+                       "folder (default: $SDFAST_MODEL, else the shipped shapes model)")
+    which.add_argument("--arch", default=None, help="sd15, sd21, sdxl, tiny or tiny-sdxl: random weights at those "
+                       "shapes, no checkpoint needed (written once under $SDFAST_CACHE/random, ~2 GB for sd15, "
+                       "~7 GB for sdxl)")
+    which.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
+                       help="two --out JSON files: ratios new/old; exit code 1 on a regression")
+    bench.add_argument("--threshold", type=float, default=0.05,
+                       help="with --compare: a median step or end to end slower by more than this is a regression")
+    bench.add_argument("--backends", default="torch", help="comma-separated: torch, triton, compile, onnxruntime, "
+                       "tensorrt (one that cannot run here is reported as skipped, with the reason)")
+    bench.add_argument("--sizes", default=None, help="comma-separated image sizes, 512 or WxH (default: the "
+                       "model's own)")
+    bench.add_argument("--batch", default="1", help="comma-separated images per call, e.g. 1,4")
+    bench.add_argument("--steps", type=int, default=30)
+    bench.add_argument("--scheduler", default="euler")
+    bench.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on cuda, fp32 on cpu)")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed generations per configuration")
+    bench.add_argument("--repeat", type=int, default=3, help="timed generations per configuration")
+    bench.add_argument("--no-baseline", action="store_true", help="leave out diffusers' StableDiffusionPipeline")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", type=Path, default=Path("bench.json"),
+                       help="the JSON report; the markdown table (.md) and the chart (.png) are written beside it")
+    bench.add_argument("--no-chart", action="store_true", help="skip the PNG chart (it needs matplotlib)")
+
+
+def _bench_list(text: str, parse, what: str) -> tuple:
+    try:
+        return tuple(parse(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError as e:
+        raise ValueError(f"--{what} {text!r}: {e}") from e
+
+
+def _bench_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height or width)
+
+
+def run_bench(args) -> int:
+    import shlex
+
+    import torch
+
+    from .bench import report
+    from .bench.arch import preset, random_model
+    from .bench.run import Settings
+    from .bench.run import run as benchmark
+
+    if args.compare:
+        table, regressions = report.compare(*(report.read(p) for p in args.compare), threshold=args.threshold)
+        print(table)
+        print("\n".join(f"regression: {r}" for r in regressions) or "no regression")
+        return 1 if regressions else 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = Settings(
+        backends=_bench_list(args.backends, str, "backends"), batches=_bench_list(args.batch, int, "batch"),
+        sizes=_bench_list(args.sizes, _bench_size, "sizes") if args.sizes else (), steps=args.steps,
+        scheduler=args.scheduler, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
+        device=device, warmup=args.warmup, repeat=args.repeat, baseline=not args.no_baseline, seed=args.seed)
+    settings.check()
+    if args.arch:
+        preset(args.arch)  # an unknown name fails before anything is written
+        from .backends import cache_dir
+
+        model, label = random_model(args.arch, cache_dir() / "random"), f"{args.arch} (random weights)"
+    else:
+        from .pipeline import DEFAULT_MODEL
+
+        model = Path(args.model or os.environ.get("SDFAST_MODEL") or DEFAULT_MODEL)
+        label = model.name
+    source = ["--arch", args.arch] if args.arch else ["--model", str(model)]
+    command = shlex.join(["sdfast", "bench", *source, "--backends", ",".join(settings.backends),
+                          *(["--sizes", args.sizes] if args.sizes else []), "--batch", args.batch,
+                          "--steps", str(settings.steps), "--scheduler", settings.scheduler,
+                          "--dtype", settings.dtype, "--device", device, "--warmup", str(settings.warmup),
+                          "--repeat", str(settings.repeat), "--seed", str(settings.seed),
+                          *(["--no-baseline"] if args.no_baseline else [])])
+    result = benchmark(model, settings, label=label, command=command)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    table = report.markdown(result)
+    args.out.with_suffix(".md").write_text(table)
+    written = [args.out, args.out.with_suffix(".md")]
+    if not args.no_chart:
+        if report.HAS_MATPLOTLIB:
+            written.append(report.chart(result, args.out.with_suffix(".png")))
+        else:
+            print('sdfast bench: no chart: matplotlib is not installed (pip install "sdfast[bench]")',
+                  file=sys.stderr)
+    print(table)
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"export": run_export, "build": run_build}.get(args.command, run)(args)
+        status = {"export": run_export, "build": run_build, "serve": run_serve,
+                  "bench": run_bench}.get(args.command, run)(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # CheckpointError is a ValueError
         print(f"sdfast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0  # a command may return its own exit code (bench --compare: 1 on a regression)
 
 
 if __name__ == "__main__":

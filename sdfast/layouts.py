@@ -1,7 +1,7 @@
-"""The original (CompVis / webui) single-file layout of SD 1.x and 2.x checkpoints.
+"""The original (CompVis / webui / Stability "sgm") single-file layout of SD 1.x, 2.x and XL checkpoints.
 
 Scope: key names and shapes of such a file, never its bytes. This module
-  * tells SD 1.x from 2.x (`detect_family`) and infers diffusers/transformers-format
+  * tells SD 1.x, 2.x, XL and the XL refiner apart (`detect_family`) and infers diffusers/transformers-format
     configs from tensor shapes (`infer_configs`);
   * holds the one key table from that layout to sdfast's parameter names
     (`original_rules`) and the reshapes it needs (`transform`);
@@ -15,7 +15,10 @@ Reading tensors, casting, and reporting missing/unexpected keys is the loader's 
 
 The file's layout comes from CompVis/stable-diffusion (ldm/modules/diffusionmodules/
 openaimodel.py: U-Net, .../model.py: VAE, ldm/modules/encoders/modules.py: text) and
-Stability-AI/stablediffusion (FrozenOpenCLIPEmbedder with layer="penultimate").
+Stability-AI/stablediffusion (FrozenOpenCLIPEmbedder with layer="penultimate") and, for SDXL,
+Stability-AI/generative-models (sgm/modules/encoders/modules.py: GeneralConditioner, whose embedders.0 is
+FrozenCLIPEmbedder and embedders.1 FrozenOpenCLIPEmbedder2, the refiner's embedders.0 the latter alone; the U-Net's
+label_emb is diffusers' add_embedding).
 tests/test_layouts.py checks the table against diffusers' single_file_utils converters.
 """
 
@@ -30,8 +33,18 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x: HF CLIP names already
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP names
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL: CLIP ViT-L, HF names
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP ViT-bigG
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner: OpenCLIP ViT-bigG alone
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# Where each family keeps its text encoders (diffusers' names: text_encoder_2 is the projected OpenCLIP tower).
+TEXT_PREFIXES = {
+    "sd1": {"text_encoder": CLIP_PREFIX},
+    "sd2": {"text_encoder": OPENCLIP_PREFIX},
+    "sdxl": {"text_encoder": SDXL_CLIP_PREFIX, "text_encoder_2": SDXL_OPENCLIP_PREFIX},
+    "sdxl_refiner": {"text_encoder_2": REFINER_OPENCLIP_PREFIX},
+}
 
 # diffusers takes a 2.x file for v-prediction unless its global_step is this one,
 # the step count of the epsilon-prediction 512-px SD 2.0-base release.
@@ -66,6 +79,8 @@ _UNET_RESNET = {
     "conv2": "out_layers.3",
 }
 _UNET_SHORTCUT = {"conv_shortcut": "skip_connection"}
+# SDXL's "text_time" added embedding (an MLP like time_embed) is the original's label_emb.
+_UNET_ADDED = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 # diffusers kept LDM's names inside a spatial transformer, so these map to themselves.
 # proj_in/proj_out are 1x1 convs in 1.x and Linear in 2.x, in both layouts alike.
 _UNET_TRANSFORMER = ("norm", "proj_in", "proj_out")
@@ -123,9 +138,13 @@ _SCHEDULE_KEYS = frozenset({
 })
 _IGNORED_KEYS = frozenset({
     CLIP_PREFIX + "embeddings.position_ids",  # a buffer older transformers saved
-    # OpenCLIP's contrastive head: SD conditions on per-token features, not the pooled one.
+    SDXL_CLIP_PREFIX + "embeddings.position_ids",
+    # OpenCLIP's contrastive head: SD 2.x conditions on per-token features, not the pooled one (SDXL uses the
+    # text_projection, not the logit scale).
     OPENCLIP_PREFIX + "logit_scale",
     OPENCLIP_PREFIX + "text_projection",
+    SDXL_OPENCLIP_PREFIX + "logit_scale",
+    REFINER_OPENCLIP_PREFIX + "logit_scale",
 })
 # The EMA copy of the U-Net (names with dots removed, plus decay/num_updates). Like
 # diffusers' default (extract_ema=False), the non-EMA weights are the ones loaded.
@@ -133,13 +152,17 @@ _IGNORED_PREFIXES = ("model_ema.",)
 
 
 def component_of(key: str) -> str | None:
-    """ "unet", "vae" or "text_encoder" for a file key under that network's prefix, else None."""
+    """ "unet", "vae", "text_encoder" or "text_encoder_2" for a file key under that network's prefix, else None.
+    SDXL's conditioner.embedders.N.transformer.* is CLIP ViT-L (text_encoder), .model.* OpenCLIP (text_encoder_2)."""
     if key.startswith(UNET_PREFIX):
         return "unet"
     if key.startswith(VAE_PREFIX):
         return "vae"
     if key.startswith("cond_stage_model."):
         return "text_encoder"
+    if key.startswith("conditioner.embedders."):
+        kind = key.split(".")[3:4]
+        return {"transformer": "text_encoder", "model": "text_encoder_2"}.get(kind[0] if kind else "")
     return None
 
 
@@ -151,6 +174,8 @@ def is_ignored(key: str, configs: Mapping[str, Any]) -> bool:
     """
     if key in _SCHEDULE_KEYS or key in _IGNORED_KEYS or key.startswith(_IGNORED_PREFIXES):
         return True
+    if "text_encoder" not in configs:  # the SDXL refiner: OpenCLIP only, every layer used
+        return False
     unused_layer = configs["text_encoder"]["num_hidden_layers"]
     return key.startswith(f"{OPENCLIP_PREFIX}transformer.resblocks.{unused_layer}.")
 
@@ -163,8 +188,9 @@ def _unsupported(shapes: Shapes, problem: str) -> ValueError:
     found = ", ".join(groups[:8]) + (", ..." if len(groups) > 8 else "") if groups else "no keys"
     return ValueError(
         f"unsupported checkpoint: {problem}; found key groups: {found}. Supported: original-layout "
-        f"(CompVis/webui) SD 1.x files ({UNET_PREFIX}*, {VAE_PREFIX}*, {CLIP_PREFIX}*) and SD 2.x "
-        f"files (text encoder under {OPENCLIP_PREFIX}*)"
+        f"(CompVis/webui) SD 1.x files ({UNET_PREFIX}*, {VAE_PREFIX}*, {CLIP_PREFIX}*), SD 2.x "
+        f"files (text encoder under {OPENCLIP_PREFIX}*) and SDXL files (text encoders under "
+        f"{SDXL_CLIP_PREFIX}* and {SDXL_OPENCLIP_PREFIX}*, the refiner's under {REFINER_OPENCLIP_PREFIX}*)"
     )
 
 
@@ -187,15 +213,33 @@ def _first_unet_attention(shapes: Shapes) -> str:
     raise _unsupported(shapes, "U-Net has no cross-attention transformer (…proj_in.weight)")
 
 
+def _sdxl_family(shapes: Shapes) -> tuple[str, int]:
+    """ "sdxl" (CLIP ViT-L + OpenCLIP bigG) or "sdxl_refiner" (bigG alone), and the context width they make."""
+    clip = SDXL_CLIP_PREFIX + "embeddings.token_embedding.weight"
+    openclip, refiner = SDXL_OPENCLIP_PREFIX + "token_embedding.weight", REFINER_OPENCLIP_PREFIX + "token_embedding.weight"
+    if clip in shapes and openclip in shapes:
+        family, width = "sdxl", shapes[clip][1] + shapes[openclip][1]
+    elif refiner in shapes and not any(k.startswith("conditioner.embedders.1.") for k in shapes):
+        family, width = "sdxl_refiner", shapes[refiner][1]
+    else:
+        raise _unsupported(shapes, "SDXL-style text encoders (conditioner.embedders.*) but not SDXL's pair "
+                                   f"({SDXL_CLIP_PREFIX}* and {SDXL_OPENCLIP_PREFIX}*) nor the refiner's "
+                                   f"({REFINER_OPENCLIP_PREFIX}* alone)")
+    if UNET_PREFIX + "label_emb.0.0.weight" not in shapes:
+        raise _unsupported(shapes, f"SDXL text encoders but no SDXL U-Net ({UNET_PREFIX}label_emb.*)")
+    return family, width
+
+
 def detect_family(shapes: Shapes) -> str:
-    """ "sd1" or "sd2": which text encoder the file carries, checked against the U-Net's context width."""
-    if any(key.startswith("conditioner.embedders.") for key in shapes):
-        raise _unsupported(shapes, "SDXL-style text encoders (conditioner.embedders.*)")
+    """ "sd1", "sd2", "sdxl" or "sdxl_refiner": which text encoders the file carries, checked against the U-Net's
+    context width."""
     if UNET_PREFIX + "input_blocks.0.0.weight" not in shapes:
         raise _unsupported(shapes, f"no original-layout U-Net ({UNET_PREFIX}input_blocks.*)")
     if VAE_PREFIX + "encoder.conv_in.weight" not in shapes:
         raise _unsupported(shapes, f"no original-layout VAE ({VAE_PREFIX}encoder.*)")
-    if CLIP_PREFIX + "embeddings.token_embedding.weight" in shapes:
+    if any(key.startswith("conditioner.embedders.") for key in shapes):
+        family, width = _sdxl_family(shapes)
+    elif CLIP_PREFIX + "embeddings.token_embedding.weight" in shapes:
         family, width = "sd1", shapes[CLIP_PREFIX + "embeddings.token_embedding.weight"][1]
     elif OPENCLIP_PREFIX + "token_embedding.weight" in shapes:
         family, width = "sd2", shapes[OPENCLIP_PREFIX + "token_embedding.weight"][1]
@@ -203,7 +247,7 @@ def detect_family(shapes: Shapes) -> str:
         raise _unsupported(shapes, f"no text encoder ({CLIP_PREFIX}* or {OPENCLIP_PREFIX}*)")
     attention = UNET_PREFIX + _first_unet_attention(shapes)
     context = shapes[attention + "transformer_blocks.0.attn2.to_k.weight"][1]
-    if context != width:  # 768 for 1.x, 1024 for 2.x in real files
+    if context != width:  # 768 for 1.x, 1024 for 2.x, 768 + 1280 for XL, 1280 for the refiner in real files
         raise _unsupported(shapes, f"U-Net cross-attention width {context} != text encoder width {width}")
     return family
 
@@ -229,9 +273,23 @@ def _unet_config(shapes: Shapes, family: str, sample_size: int) -> dict[str, Any
         for i in range(levels)
     ]
     attention = p + _first_unet_attention(shapes)
+    # Transformer depth per level: one number when every transformer has the same (1.x, 2.x, the XL refiner's 4),
+    # else a list as SDXL's (1, 2, 10): 1 for a level without attention, and the last entry is the middle block's
+    # (diffusers builds the middle block from the last entry).
+    mid_depth = len(_indices(shapes, f"{p}middle_block.1.transformer_blocks."))
+    depths = [len(_indices(shapes, f"{p}input_blocks.{n}.1.transformer_blocks.")) for n in firsts]
+    if len(set(depths[:-1] + [mid_depth]) - {0}) > 1:
+        depth: int | list[int] = [d or 1 for d in depths[:-1]] + [mid_depth]
+    else:
+        depth = mid_depth
     # Heads are not in the weights. diffusers' attention_head_dim holds a head COUNT here:
-    # 1.x runs 8 heads per block; 2.x runs 64-wide heads, i.e. channels/64 heads.
+    # 1.x runs 8 heads per block; 2.x and XL run 64-wide heads, i.e. channels/64 heads.
     heads = 8 if family == "sd1" else [c // 64 for c in channels]
+    added = {}
+    if family.startswith("sdxl"):
+        # SDXL: pooled text + 256-wide embeddings of the micro-conditioning numbers (6 base, 5 refiner).
+        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                 "projection_class_embeddings_input_dim": shapes[p + "label_emb.0.0.weight"][1]}
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": sample_size,
@@ -241,7 +299,7 @@ def _unet_config(shapes: Shapes, family: str, sample_size: int) -> dict[str, Any
         "up_block_types": up_types,
         "block_out_channels": channels,
         "layers_per_block": per_level - 1,
-        "transformer_layers_per_block": len(_indices(shapes, attention + "transformer_blocks.")),
+        "transformer_layers_per_block": depth,
         "cross_attention_dim": shapes[attention + "transformer_blocks.0.attn2.to_k.weight"][1],
         "attention_head_dim": heads,
         "use_linear_projection": len(shapes[attention + "proj_in.weight"]) == 2,
@@ -256,12 +314,16 @@ def _unet_config(shapes: Shapes, family: str, sample_size: int) -> dict[str, Any
         "center_input_sample": False,
         "downsample_padding": 1,
         "mid_block_scale_factor": 1,
+        **added,
     }
 
 
-def _vae_config(shapes: Shapes, sample_size: int) -> dict[str, Any]:
+def _vae_config(shapes: Shapes, sample_size: int, family: str) -> dict[str, Any]:
     p = VAE_PREFIX
     levels = _indices(shapes, p + "encoder.down.")
+    # SDXL's VAE has its own latent scale and overflows in fp16 (diffusers' SDXL config: force_upcast); the
+    # fp16-fixed VAE does not, but the weights cannot tell: override {"vae": {"force_upcast": False}} for it.
+    xl = {"scaling_factor": 0.13025, "force_upcast": True} if family.startswith("sdxl") else {}
     return {
         "_class_name": "AutoencoderKL",
         "sample_size": sample_size,
@@ -275,19 +337,34 @@ def _vae_config(shapes: Shapes, sample_size: int) -> dict[str, Any]:
         "norm_num_groups": 32,  # not in the weights; every SD release uses 32
         "act_fn": "silu",
         "scaling_factor": 0.18215,  # LDM's scale_factor for the SD 1.x/2.x VAE
+        **xl,
     }
 
 
-def _text_config(shapes: Shapes, family: str) -> dict[str, Any]:
-    if family == "sd1":
-        p = CLIP_PREFIX
+def _text_config(shapes: Shapes, family: str, component: str = "text_encoder") -> dict[str, Any]:
+    p = TEXT_PREFIXES[family][component]
+    if component == "text_encoder_2":  # SDXL's OpenCLIP bigG: every layer runs, the pooled output is projected
+        vocab, width = shapes[p + "token_embedding.weight"]
+        return {
+            "architectures": ["CLIPTextModelWithProjection"],
+            "model_type": "clip_text_model",
+            "vocab_size": vocab,
+            "hidden_size": width,
+            "intermediate_size": shapes[p + "transformer.resblocks.0.mlp.c_fc.weight"][0],
+            "projection_dim": shapes[p + "text_projection"][1],  # OpenCLIP's [width, projection] matrix
+            "num_hidden_layers": len(_indices(shapes, p + "transformer.resblocks.")),
+            "num_attention_heads": width // 64,  # not in the weights; bigG uses 64-wide heads
+            "max_position_embeddings": shapes[p + "positional_embedding"][0],
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+        }
+    if family in ("sd1", "sdxl"):
         vocab, width = shapes[p + "embeddings.token_embedding.weight"]
         positions = shapes[p + "embeddings.position_embedding.weight"][0]
         inner = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
         layers = len(_indices(shapes, p + "encoder.layers."))
         act, projection = "quick_gelu", width  # 1.x files carry no projection; ViT-L's is square
     else:
-        p = OPENCLIP_PREFIX
         vocab, width = shapes[p + "token_embedding.weight"]
         positions = shapes[p + "positional_embedding"][0]
         inner = shapes[p + "transformer.resblocks.0.mlp.c_fc.weight"][0]
@@ -313,8 +390,10 @@ def _text_config(shapes: Shapes, family: str) -> dict[str, Any]:
 def _scheduler_config(family: str, prediction_type: str) -> dict[str, Any]:
     # The LDM configs' schedule (linear_start/linear_end, "linear" there is diffusers' scaled_linear);
     # class names as in the stable-diffusion-v1-5 and stable-diffusion-2-1 repos.
+    names = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler", "sdxl": "EulerDiscreteScheduler",
+             "sdxl_refiner": "EulerDiscreteScheduler"}
     return {
-        "_class_name": "PNDMScheduler" if family == "sd1" else "DDIMScheduler",
+        "_class_name": names[family],
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
         "beta_end": 0.012,
@@ -336,24 +415,30 @@ def infer_configs(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Configs "unet", "vae", "text_encoder", "scheduler" in diffusers/transformers JSON format,
-    and "pad_token", the tokenizer's padding token.
+    "pad_token", the tokenizer's padding token, and "family" (`detect_family`). SDXL files also
+    give "text_encoder_2" and "pad_token_2" (the refiner: those and no "text_encoder"), and
+    "pipeline": diffusers' model_index options force_zeros_for_empty_prompt (base: True) and
+    requires_aesthetics_score (refiner: True).
 
     Whatever the weights reveal comes from `shapes`; the rest follows the detected family.
     Not in the weights, so taken on trust: heads, norm groups, `upcast_attention`,
-    sample sizes, the prediction type and the padding token. A 2.x file is taken as
+    sample sizes, the prediction type and the padding token. SDXL runs at 1024 px. A 2.x file is taken as
     v-prediction at 768 px, as diffusers does, unless `global_step` (a .ckpt's top-level
     entry) is the 2.0-base one. `overrides` replaces fields per config, e.g.
     {"unet": {"upcast_attention": True}} for SD 2.1-v.
     """
     family = detect_family(shapes)
     v_prediction = family == "sd2" and global_step != SD2_BASE_GLOBAL_STEP
-    latent_size = 96 if v_prediction else 64  # 768 or 512 px with the VAE's factor 8
+    latent_size = 128 if family.startswith("sdxl") else 96 if v_prediction else 64  # 1024, 768 or 512 px
     configs = {
         "unet": _unet_config(shapes, family, latent_size),
-        "vae": _vae_config(shapes, latent_size * 8),
-        "text_encoder": _text_config(shapes, family),
+        "vae": _vae_config(shapes, latent_size * 8, family),
+        **{component: _text_config(shapes, family, component) for component in TEXT_PREFIXES[family]},
         "scheduler": _scheduler_config(family, "v_prediction" if v_prediction else "epsilon"),
     }
+    if family.startswith("sdxl"):
+        configs["pipeline"] = {"force_zeros_for_empty_prompt": family == "sdxl",
+                               "requires_aesthetics_score": family == "sdxl_refiner"}
     for component, fields in (overrides or {}).items():
         if component not in configs:
             raise ValueError(f"override for unknown config {component!r}; known: {sorted(configs)}")
@@ -362,7 +447,10 @@ def infer_configs(
             raise ValueError(f"unknown {component} config fields {unknown}; known: {sorted(configs[component])}")
         configs[component].update(fields)
     # The tokenizers the releases ship: OpenAI CLIP's pads with its end token, OpenCLIP's with id 0, "!".
-    configs["pad_token"] = "<|endoftext|>" if family == "sd1" else "!"
+    configs["pad_token"] = "<|endoftext|>" if family in ("sd1", "sdxl") else "!"
+    if family.startswith("sdxl"):
+        configs["pad_token_2"] = "!"
+    configs["family"] = family
     return configs
 
 
@@ -399,20 +487,23 @@ def _unet_rules(config: Mapping[str, Any]) -> list[Rule]:
     layers = config["layers_per_block"]
     depth = config["transformer_layers_per_block"]
     last = len(channels) - 1
+    depths = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(channels)  # per level, top down
     rules = [r for ours, theirs in _UNET_TOP.items() for r in _weight_bias(ours, theirs)]
+    if config.get("addition_embed_type") == "text_time":
+        rules += [r for ours, theirs in _UNET_ADDED.items() for r in _weight_bias(ours, theirs)]
     n = 1  # input_blocks.0 is conv_in
     for i, block_type in enumerate(config["down_block_types"]):
         for j in range(layers):
             c_in = channels[max(i - 1, 0)] if j == 0 else channels[i]
             rules += _unet_resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0", c_in != channels[i])
             if block_type == "CrossAttnDownBlock2D":
-                rules += _unet_transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1", depth)
+                rules += _unet_transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1", depths[i])
             n += 1
         if i < last:
             rules += _weight_bias(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{n}.0.op")
             n += 1
     rules += _unet_resnet("mid_block.resnets.0", "middle_block.0", False)
-    rules += _unet_transformer("mid_block.attentions.0", "middle_block.1", depth)
+    rules += _unet_transformer("mid_block.attentions.0", "middle_block.1", depths[-1])
     rules += _unet_resnet("mid_block.resnets.1", "middle_block.2", False)
     n = 0
     for i, block_type in enumerate(config["up_block_types"]):
@@ -421,7 +512,8 @@ def _unet_rules(config: Mapping[str, Any]) -> list[Rule]:
             rules += _unet_resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{n}.0", True)
             upsampler = f"output_blocks.{n}.1.conv"
             if block_type == "CrossAttnUpBlock2D":
-                rules += _unet_transformer(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1", depth)
+                rules += _unet_transformer(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1",
+                                           depths[last - i])
                 upsampler = f"output_blocks.{n}.2.conv"
             if j == layers and i < last:
                 rules += _weight_bias(f"up_blocks.{i}.upsamplers.0.conv", upsampler)
@@ -500,17 +592,31 @@ def _text_rules(config: Mapping[str, Any]) -> list[Rule]:
     return rules
 
 
-def original_rules(component: str, config: Mapping[str, Any]) -> list[Rule]:
+def _text_family(component: str, config: Mapping[str, Any], family: str | None) -> str:
+    """The family whose key prefix a text encoder uses: given, or (1.x / 2.x) told by the activation, and SDXL's
+    for text_encoder_2."""
+    if family is None:
+        family = "sdxl" if component == "text_encoder_2" else "sd2" if _is_openclip(config) else "sd1"
+    if component not in TEXT_PREFIXES[family]:
+        raise ValueError(f"a {family} file has no {component}; it has {sorted(TEXT_PREFIXES[family])}")
+    return family
+
+
+def original_rules(component: str, config: Mapping[str, Any], family: str | None = None) -> list[Rule]:
     """Every parameter of `component` built from `config`, exactly once, with its file key.
 
-    `config` is the component's diffusers/transformers config (as from `infer_configs`).
+    `config` is the component's diffusers/transformers config (as from `infer_configs`); `family` (as from
+    `detect_family`) places the text encoders, which SDXL keeps under other prefixes than 1.x / 2.x.
     """
     if component == "unet":
         prefix, rules = UNET_PREFIX, _unet_rules(config)
     elif component == "vae":
         prefix, rules = VAE_PREFIX, _vae_rules(config)
-    elif component == "text_encoder":
-        prefix, rules = OPENCLIP_PREFIX if _is_openclip(config) else CLIP_PREFIX, _text_rules(config)
+    elif component in ("text_encoder", "text_encoder_2"):
+        prefix = TEXT_PREFIXES[_text_family(component, config, family)][component]
+        rules = _text_rules(config)
+        if component == "text_encoder_2":  # SDXL's pooled output goes through OpenCLIP's projection
+            rules.append(Rule("text_projection.weight", "text_projection", "text_projection"))
     else:
         raise ValueError(f"unknown component {component!r}; supported: {COMPONENTS}")
     return [Rule(r.target, prefix + r.source, r.transform) for r in rules]
@@ -533,7 +639,13 @@ def _conv_to_linear(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], tensor.shape[1])  # [O, I, 1, 1] -> [O, I]; fails on k > 1
 
 
-_TRANSFORMS = {"copy": _copy, "q": _qkv(0), "k": _qkv(1), "v": _qkv(2), "conv_to_linear": _conv_to_linear}
+def _text_projection(tensor: torch.Tensor) -> torch.Tensor:
+    # OpenCLIP applies x @ text_projection with a [width, projection] matrix; nn.Linear holds [projection, width].
+    return tensor.t().contiguous()
+
+
+_TRANSFORMS = {"copy": _copy, "q": _qkv(0), "k": _qkv(1), "v": _qkv(2), "conv_to_linear": _conv_to_linear,
+               "text_projection": _text_projection}
 
 
 def transform(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -544,16 +656,17 @@ def transform(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def to_original(
-    component: str, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    component: str, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], family: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Original-layout tensors (prefixed file keys) from a sdfast/diffusers `state_dict`: the inverse of the rules.
 
     For 2.x's text encoder the file also gets the resblock after the last used one: real
     files carry it (OpenCLIP's 24 layers, SD reads the 23rd), and `infer_configs` counts
     layers from it. It is taken from `state_dict` when that holds it (encoder.layers.{n},
-    e.g. a whole OpenCLIP tower), else written as zeros; it is never run.
+    e.g. a whole OpenCLIP tower), else written as zeros; it is never run. SDXL runs every
+    layer of its OpenCLIP tower, so its files hold no such extra layer.
     """
-    if component == "text_encoder" and _is_openclip(config):
+    if component == "text_encoder" and _text_family(component, config, family) == "sd2":
         n = config["num_hidden_layers"]
         config = {**config, "num_hidden_layers": n + 1}
         zeros = {
@@ -562,7 +675,7 @@ def to_original(
             if key.startswith("encoder.layers.0.")
         }
         state_dict = {**zeros, **state_dict}
-    rules = original_rules(component, config)
+    rules = original_rules(component, config, family)
     targets = {r.target for r in rules}
     missing, extra = sorted(targets - state_dict.keys()), sorted(state_dict.keys() - targets)
     if missing or extra:
@@ -577,6 +690,8 @@ def to_original(
             fused.setdefault(r.source, {})[r.transform] = tensor
         elif r.transform == "conv_to_linear":
             out[r.source] = tensor.reshape(*tensor.shape, 1, 1)  # [O, I] -> [O, I, 1, 1]
+        elif r.transform == "text_projection":
+            out[r.source] = tensor.t().contiguous()  # [projection, width] -> OpenCLIP's [width, projection]
         else:
             out[r.source] = tensor
     for source, parts in fused.items():
@@ -598,7 +713,7 @@ def diffusers_rules(component: str, keys: Iterable[str]) -> list[Rule]:
     rules = []
     for key in keys:
         name, how = key, "copy"
-        if component == "text_encoder":
+        if component in ("text_encoder", "text_encoder_2"):
             name = key.removeprefix("text_model.")  # transformers < 5 nests the model; transformers 5 does not
             if name == "embeddings.position_ids":  # a constant arange buffer saved by older transformers
                 continue

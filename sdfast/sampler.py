@@ -64,13 +64,15 @@ def to_pil(images: torch.Tensor, size: tuple[int, int] | None = None) -> list[Im
 
 def denoise(unet: Callable, scheduler: Scheduler, latents: torch.Tensor, context: torch.Tensor, *,
             guidance_scale: float, start: int, generator: torch.Generator | None, recorder: Recorder,
+            end: int | None = None,
             callback: Callable | None = None, preview: Callable[[int, torch.Tensor], None] | None = None,
             preview_every: int = 0) -> torch.Tensor:
-    """Run the scheduler's model calls from index ``start`` to the end (or until ``callback`` returns False).
+    """Run the scheduler's model calls from index ``start`` to ``end`` (None: the last; or until ``callback``
+    returns False). A run that stops early (``end``) hands its still noisy latents to another model (SDXL refiner).
 
     ``callback(step, timestep, latents)`` sees the latents after each step (1-based step count); ``preview(step, x0)``
     gets the model's clean-latent estimate every ``preview_every`` steps and at the last step."""
-    timesteps = scheduler.timesteps[start:]
+    timesteps = scheduler.timesteps[start:end]
     for step, t in enumerate(timesteps, start=1):
         index = start + step - 1
         with recorder.span("step"):

@@ -61,6 +61,8 @@ class Timings:
     total_ms: float = 0.0
     device: str = "cpu"
     stats: dict = field(default_factory=dict)
+    vae_dtype: str = ""  # the precision the VAE decoded in (SDXL's VAE: float32 in an fp16 pipeline)
+    vae_fallback: bool = False  # the decode overflowed (NaN / Inf) in the model's dtype and ran again in float32
 
     @classmethod
     def from_spans(cls, spans: dict[str, list[float]], device: torch.device) -> "Timings":
@@ -75,7 +77,7 @@ class Timings:
             total_ms=sum(spans.get("total", [0.0])),
             device=str(device),
         )
-        t.stats = {name: _stats(getattr(t, name)) for name in ("unet_ms", "scheduler_ms", "step_ms")}
+        t.stats = {name: latency_stats(getattr(t, name)) for name in ("unet_ms", "scheduler_ms", "step_ms")}
         return t
 
     def summary(self) -> str:
@@ -91,7 +93,8 @@ class Timings:
         return asdict(self)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def latency_stats(values: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / min / mean of a series of latencies (empty dict for none); benchmarks report the same."""
     if not values:
         return {}
     ordered = sorted(values)

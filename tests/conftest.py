@@ -7,6 +7,7 @@ Both use the real CLIP vocabulary and a 4-level VAE (8x, as in SD), at widths th
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,11 @@ import pytest
 import torch
 
 from sdfast.tokenizer import write_clip_tokenizer
+
+# tests/kernels/ run sdfast's Triton kernels in Triton's CPU interpreter where there is no GPU. Triton reads the flag
+# when a kernel is defined, i.e. when sdfast.kernels.* is first imported, so it is set here, before any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SD1 = dict(
     unet=dict(block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -133,3 +139,61 @@ def sd2_fp16_onnx(sd2, tmp_path_factory) -> Exported:
     folder = tmp_path_factory.mktemp("sd2-fp16") / "onnx"
     assert main(["export", str(sd2.path), "-o", str(folder), "--dtype", "fp16"]) == 0
     return Exported(folder, sdfast.load(sd2.path, dtype="fp16"))
+
+
+# -- SDXL: tiny random base and refiner pipelines (diffusers' StableDiffusionXL*), saved as diffusers folders --
+
+# Base: a level without attention, then transformer depths 1 and 2 (SDXL: none, 2, 10), linear projections;
+# CLIP-L-like (quick_gelu, 32 wide) + bigG-like (gelu, 48 wide, projected pooled output 24) = an 80-wide context;
+# 6 micro-conditioning numbers x 8 + 24 pooled = 72 added inputs (SDXL: 6 x 256 + 1280 = 2816).
+SDXL_UNET = dict(block_out_channels=(32, 32, 64), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8, norm_num_groups=8, sample_size=8)
+SDXL_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+                 hidden_act="quick_gelu")
+SDXL_TEXT_2 = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   hidden_act="gelu", projection_dim=24)
+SDXL_VAE = dict(VAE, scaling_factor=0.13025, force_upcast=True)
+
+
+def build_sdxl_reference(folder: Path, seed: int, refiner: bool = False) -> Reference:
+    """A tiny SDXL base (StableDiffusionXLPipeline) or refiner (StableDiffusionXLImg2ImgPipeline: the second
+    encoder only, aesthetic-score conditioning), with the Euler scheduler the SDXL releases ship."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok", pad_token="<|endoftext|>"))
+    tok_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok2", pad_token="!"))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                                        **SDXL_TEXT_2)).eval()
+    numbers = 5 if refiner else 6
+    context = SDXL_TEXT_2["hidden_size"] + (0 if refiner else SDXL_TEXT["hidden_size"])
+    unet = UNet2DConditionModel(**SDXL_UNET, cross_attention_dim=context,
+                                projection_class_embeddings_input_dim=SDXL_TEXT_2["projection_dim"] + numbers * 8)
+    parts = dict(vae=AutoencoderKL(**SDXL_VAE).eval(), text_encoder_2=text_2, tokenizer_2=tok_2, unet=unet.eval(),
+                 scheduler=EulerDiscreteScheduler.from_config(SCHEDULER), add_watermarker=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if refiner:
+            pipe = StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                                                    force_zeros_for_empty_prompt=False, **parts)
+        else:
+            text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **SDXL_TEXT)).eval()
+            pipe = StableDiffusionXLPipeline(text_encoder=text, tokenizer=tok, **parts)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.save_pretrained(folder / "model", safe_serialization=True)
+    return Reference(pipe, folder / "model", dict(pipe.scheduler.config))
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory) -> Reference:
+    return build_sdxl_reference(tmp_path_factory.mktemp("sdxl"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner(tmp_path_factory) -> Reference:
+    return build_sdxl_reference(tmp_path_factory.mktemp("sdxl-refiner"), seed=4, refiner=True)

@@ -183,8 +183,8 @@ def test_config_that_does_not_match_the_weights(folder_copy):
 
 def test_unsupported_config_option(folder_copy):
     config = folder_copy / "unet" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "addition_embed_type": "text_time"}))
-    with pytest.raises(CheckpointError, match=r"model: unet config addition_embed_type='text_time' is not supported"):
+    config.write_text(json.dumps({**json.loads(config.read_text()), "addition_embed_type": "image"}))
+    with pytest.raises(CheckpointError, match=r"model: unet config addition_embed_type='image' is not supported"):
         sdfast.load(folder_copy)
 
 

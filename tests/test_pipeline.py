@@ -9,20 +9,10 @@ from PIL import Image
 
 import sdfast
 from conftest import rel_err
+from sdfast.bench.baseline import DIFFUSERS_SCHEDULERS
 from sdfast.sampler import latent_preview
 
-# sdfast name -> (diffusers class, extra config)
-DIFFUSERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+DIFFUSERS = DIFFUSERS_SCHEDULERS  # sdfast name -> (diffusers class, extra config)
 STEPS = 4
 LATENT_TOL = 1e-4
 

@@ -3,8 +3,10 @@
 | backend | what runs | needs |
 |---|---|---|
 | ``torch`` | the PyTorch modules (the identity step) | - |
-| ``onnxruntime`` | the exported ONNX graphs on ONNX Runtime (CUDA provider + IO binding, or CPU) | ``sdfast[onnx]`` |
+| ``onnxruntime`` | the exported ONNX graphs on ONNX Runtime (CUDA provider + IO binding + CUDA graphs, or CPU) | ``sdfast[onnx]`` |
 | ``tensorrt`` | TensorRT engines built from those graphs, on a CUDA GPU | ``tensorrt`` or TensorRT-RTX |
+| ``triton`` | the torch modules with sdfast's Triton kernels at the seams, fused QKV, CUDA graphs (``triton.py``) | ``triton`` |
+| ``compile`` | the same prepared U-Net through ``torch.compile(mode="max-autotune")`` (``compile.py``) | - |
 
 ``apply(name, pipe)`` exports a loaded torch pipeline (once: the graphs are cached by the weights' hash) and swaps in
 the backend's networks; ``load_export(folder, name)`` loads a folder written by ``sdfast export`` with no torch
@@ -23,7 +25,10 @@ from ..models import CLIPTextConfig, UNetConfig, VAEConfig
 from ..tokenizer import Tokenizer
 from . import graphs
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton", "compile")
+# Backends that run the torch modules themselves, so load() builds them on the target device (the others export
+# their graphs from a CPU copy).
+IN_PLACE = ("torch", "triton", "compile")
 
 
 def cache_dir() -> Path:
@@ -49,6 +54,16 @@ def apply(name: str, pipe, *, device=None, cache: str | Path | None = None, opse
         if device is not None and torch.device(device) != pipe.device:
             raise ValueError(f"the pipeline is on {pipe.device}, not {device}: load it there")
         return pipe
+    if name in ("triton", "compile"):
+        if device is not None and torch.device(device) != pipe.device:
+            raise ValueError(f"the pipeline is on {pipe.device}, not {device}: load it there")
+        if cache is not None or opset is not None:
+            raise ValueError(f"the {name} backend exports nothing: it takes no cache or opset")
+        if name == "triton":
+            from . import triton as backend
+        else:
+            from . import compile as backend
+        return backend.apply(pipe, **options)
     from sdfast.export import onnx as export
 
     folder = export.cached_export(pipe, cache or cache_dir() / "onnx", opset=opset or export.DEFAULT_OPSET)
@@ -65,9 +80,9 @@ def load_export(folder, name: str = "onnxruntime", *, device="cpu", dtype=None, 
     from ..pipeline import Pipeline
 
     check(name)
-    if name == "torch":
+    if name in IN_PLACE:
         raise ValueError(f"{folder} is an ONNX export (no torch weights): load it with backend='onnxruntime' or "
-                         "'tensorrt', or load the original checkpoint for the torch backend")
+                         f"'tensorrt', or load the original checkpoint for the {name} backend")
     folder = Path(folder)
     manifest = read_manifest(folder)
     exported = {"fp32": torch.float32, "fp16": torch.float16}[manifest["dtype"]]

@@ -3,10 +3,17 @@
 On a CUDA device it uses the CUDA execution provider (``pip install onnxruntime-gpu``) with IO binding: inputs and
 outputs stay torch tensors on the GPU, bound by pointer, so nothing crosses to the host between steps. On the CPU it
 uses the CPU provider through the same binding code. The pipeline and sampler do not change (see ``graphs``).
+
+``cuda_graph=True`` (CUDA only) also lets the CUDA provider capture each graph as a CUDA graph and replay it, which
+removes the per-kernel launch cost. A CUDA graph replays fixed addresses and shapes, so each distinct input shape
+gets its own static input and output tensors, bound once, and its own graph id (ONNX Runtime's ``gpu_graph_id``
+run option): a call copies its inputs into the static tensors, replays, and returns copies of the outputs. Each
+captured shape keeps its buffers and the graph's working memory for the life of the session.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +26,15 @@ _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "ten
           "tensor(int32)": torch.int32}
 
 
-def providers_for(device: torch.device) -> list:
-    """ONNX Runtime providers for ``device``: CUDA (then CPU for the odd op) on a GPU, the CPU provider otherwise."""
+def providers_for(device: torch.device, cuda_graph: bool = False) -> list:
+    """ONNX Runtime providers for ``device``: CUDA (then CPU for the shape arithmetic) on a GPU, the CPU provider
+    otherwise."""
     import onnxruntime
 
     if device.type == "cpu":
+        if cuda_graph:
+            raise ExportError("cuda_graph=True needs the CUDA provider: load with device='cuda' (and "
+                              "onnxruntime-gpu), or leave cuda_graph off on the CPU")
         return ["CPUExecutionProvider"]
     if device.type != "cuda":
         raise ExportError(f"the onnxruntime backend runs on 'cpu' or 'cuda', not {device}")
@@ -31,42 +42,87 @@ def providers_for(device: torch.device) -> list:
         raise ExportError("this onnxruntime has no CUDA provider: pip install onnxruntime-gpu (in place of "
                           "onnxruntime), or load with device='cpu'")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    options = {"device_id": index, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+@dataclass
+class _Captured:
+    """The static tensors, binding and run options of one input shape's CUDA graph."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    binding: object  # onnxruntime.IOBinding, bound once to the tensors above
+    run_options: object  # onnxruntime.RunOptions carrying this shape's gpu_graph_id
 
 
 class Session:
-    """One graph on ONNX Runtime: ``session(inputs, outputs)`` binds torch tensors in and out by pointer."""
+    """One graph on ONNX Runtime: ``session(inputs, outputs)`` binds torch tensors in and out by pointer.
 
-    def __init__(self, path: Path, device: torch.device, providers: list | None = None):
-        self.session = ort_session(path, providers or providers_for(device))
+    ``cuda_graph``: replay one CUDA graph per input shape (see the module docstring). The bookkeeping (static
+    tensors, one graph id per shape, outputs copied out) runs on any provider; only the CUDA provider captures."""
+
+    def __init__(self, path: Path, device: torch.device, providers: list | None = None, cuda_graph: bool = False):
+        self.session = ort_session(path, providers or providers_for(device, cuda_graph))
         self.device = device
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else 0
         self.input_dtypes = {i.name: _TORCH[i.type] for i in self.session.get_inputs()}
         self.output_dtypes = {o.name: _TORCH[o.type] for o in self.session.get_outputs()}
+        self.cuda_graph = cuda_graph
+        self.captured: dict[tuple, _Captured] = {}  # ((name, shape), ...) of the inputs -> its graph
 
-    def __call__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        binding = self.session.io_binding()
-        held = []  # the bound tensors must live until the run ends
+    def _bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         for name, t in inputs.items():
-            t = t.to(self.device, self.input_dtypes[name]).contiguous()
-            held.append(t)
             binding.bind_input(name, self.device.type, self.device_id, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        results = {}
-        for name, shape in outputs.items():
-            out = torch.empty(shape, dtype=self.output_dtypes[name], device=self.device)
-            binding.bind_output(name, self.device.type, self.device_id, _NUMPY[out.dtype], tuple(shape),
-                                out.data_ptr())
-            results[name] = out
+        for name, t in outputs.items():
+            binding.bind_output(name, self.device.type, self.device_id, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+
+    def _empty(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        return {name: torch.empty(shape, dtype=dtypes[name], device=self.device) for name, shape in shapes.items()}
+
+    def _run(self, binding, run_options=None) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream: inputs must be ready
-        self.session.run_with_iobinding(binding)  # returns once the outputs are written
+        self.session.run_with_iobinding(binding, run_options)  # returns once the outputs are written
+
+    def __call__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        if self.cuda_graph:
+            return self._replay(inputs, outputs)
+        inputs = {name: t.to(self.device, self.input_dtypes[name]).contiguous() for name, t in inputs.items()}
+        results = self._empty(outputs, self.output_dtypes)  # `inputs` keeps the bound tensors alive until the run ends
+        binding = self.session.io_binding()
+        self._bind(binding, inputs, results)
+        self._run(binding)
         return results
 
+    def _replay(self, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        import onnxruntime
 
-def runners(folder: Path, manifest: dict, device: torch.device, *, providers: list | None = None) -> dict:
-    """One ``Session`` per exported network. ``providers`` overrides the choice of ``providers_for``."""
+        key = tuple((name, tuple(t.shape)) for name, t in inputs.items())
+        graph = self.captured.get(key)
+        if graph is None:  # a new shape: new static tensors, a new graph id (ORT warms up, then captures)
+            static_in = self._empty(dict(key), self.input_dtypes)
+            static_out = self._empty(outputs, self.output_dtypes)
+            binding = self.session.io_binding()
+            self._bind(binding, static_in, static_out)
+            run_options = onnxruntime.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", str(len(self.captured)))
+            graph = self.captured[key] = _Captured(static_in, static_out, binding, run_options)
+        for name, t in inputs.items():
+            graph.inputs[name].copy_(t)  # casts to the graph's dtype and device
+        self._run(graph.binding, graph.run_options)
+        return {name: t.clone() for name, t in graph.outputs.items()}  # the next replay overwrites the static ones
+
+
+def runners(folder: Path, manifest: dict, device: torch.device, *, providers: list | None = None,
+            cuda_graph: bool = False) -> dict:
+    """One ``Session`` per exported network. ``providers`` overrides the choice of ``providers_for``;
+    ``cuda_graph`` replays CUDA graphs (CUDA provider only)."""
     if not HAS_ONNXRUNTIME:
         raise ExportError('the onnxruntime backend needs onnxruntime: pip install "sdfast[onnx]" '
                           "(onnxruntime-gpu for CUDA)")
-    return {name: Session(folder / net["file"], device, providers) for name, net in manifest["networks"].items()}
+    if cuda_graph and providers is None:
+        providers_for(device, cuda_graph)  # a clear error before any session is made
+    return {name: Session(folder / net["file"], device, providers, cuda_graph)
+            for name, net in manifest["networks"].items()}

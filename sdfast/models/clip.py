@@ -1,4 +1,5 @@
-"""The CLIP text transformer that conditions Stable Diffusion (SD 1.x: OpenAI CLIP ViT-L/14; SD 2.x: OpenCLIP ViT-H).
+"""The CLIP text transformer that conditions Stable Diffusion (SD 1.x: OpenAI CLIP ViT-L/14; SD 2.x: OpenCLIP ViT-H;
+SDXL: both ViT-L and OpenCLIP ViT-bigG, the latter with its projected pooled output).
 
 Parameter names are transformers' ``CLIPTextModel`` keys without the ``text_model.`` prefix (the loader strips it),
 so a diffusers ``text_encoder/`` folder loads with no renames. Reference: transformers/models/clip/modeling_clip.py.
@@ -122,10 +123,11 @@ class CLIPTextModel(nn.Module):
         if cfg.projection_dim is not None:
             self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, final_norm: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``clip_skip`` counts like the webui slider: 1 = last layer, 2 = penultimate, ...; the hidden state it picks
-        goes through the final LayerNorm, as SD 1.x pipelines with CLIP skip do. The pooled output always comes from
-        the last layer."""
+        goes through the final LayerNorm, as SD 1.x pipelines with CLIP skip do, unless ``final_norm`` is False
+        (SDXL conditions on a raw hidden state). The pooled output always comes from the last layer."""
         if not 1 <= clip_skip <= self.config.num_layers:
             raise ValueError(f"clip_skip={clip_skip} is out of range: this text encoder has "
                              f"{self.config.num_layers} layers, so use 1..{self.config.num_layers}")
@@ -136,7 +138,8 @@ class CLIPTextModel(nn.Module):
             if i == skip_at:
                 hidden = x
         last = self.final_layer_norm(x)
-        hidden = last if clip_skip == 1 else self.final_layer_norm(hidden)
+        if final_norm:
+            hidden = last if clip_skip == 1 else self.final_layer_norm(hidden)
         return hidden, self.pool(input_ids, last)
 
     def all_layers(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""The Stable Diffusion 1.x / 2.x U-Net: noisy latent (B, 4, H/8, W/8) + timestep + text context -> predicted noise.
+"""The Stable Diffusion 1.x / 2.x / XL U-Net: noisy latent (B, 4, H/8, W/8) + timestep + text context -> noise.
+
+SDXL is the same network with other numbers (levels without attention, a transformer depth per level, 2048-wide
+context) plus one addition: the "text_time" embedding of the pooled text and the micro-conditioning numbers (sizes,
+crop), added to the timestep embedding (Podell et al. 2023, "SDXL", section 2.2).
 
 Parameter names are diffusers' ``UNet2DConditionModel`` keys, so a diffusers ``unet/`` folder loads with no renames.
 Reference: diffusers/models/unets/unet_2d_condition.py, unet_2d_blocks.py, transformers/transformer_2d.py.
@@ -34,21 +38,38 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 64  # latent side it was trained at: 64 -> 512 px (SD 1.x, 2.x-base), 96 -> 768 px (2.x-v)
+    # SDXL's "text_time" added embedding: each micro-conditioning number (original size, crop, target size; the
+    # refiner: aesthetic score instead of target size) gets an ``added_time_dim``-wide sinusoidal embedding (256);
+    # with the pooled text they make ``added_cond_dim`` inputs (1280 + 6 * 256 = 2816 base, 1280 + 5 * 256 refiner).
+    # None: no added embedding (SD 1.x / 2.x).
+    added_time_dim: int | None = None
+    added_cond_dim: int = 0
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "UNetConfig":
         """Translate a diffusers ``unet/config.json``; refuses options this U-Net does not implement."""
         unsupported = {
-            "class_embed_type": None, "addition_embed_type": None, "time_cond_proj_dim": None,
+            "class_embed_type": None, "time_cond_proj_dim": None,
             "encoder_hid_dim": None, "dual_cross_attention": False, "only_cross_attention": False,
             "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
             "conv_out_kernel": 3, "mid_block_type": "UNetMidBlock2DCrossAttn", "center_input_sample": False,
-            "attention_type": "default", "act_fn": "silu", "num_class_embeds": None,
+            "attention_type": "default", "act_fn": "silu", "num_class_embeds": None, "downsample_padding": 1,
+            "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
+            "timestep_post_act": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+            "cross_attention_norm": None, "encoder_hid_dim_type": None, "class_embeddings_concat": False,
+            "mid_block_only_cross_attention": None,
         }
         for key, default in unsupported.items():
             if cfg.get(key, default) != default:
                 raise ValueError(f"unet config {key}={cfg[key]!r} is not supported by sdfast's U-Net "
-                                 f"(supported: {default!r}); this is not an SD 1.x / 2.x U-Net")
+                                 f"(supported: {default!r}); this is not an SD 1.x / 2.x / XL U-Net")
+        added = cfg.get("addition_embed_type")
+        if added not in (None, "text_time"):
+            raise ValueError(f"unet config addition_embed_type={added!r} is not supported by sdfast's U-Net "
+                             "(supported: None for SD 1.x / 2.x, 'text_time' for SDXL)")
+        if added and not (cfg.get("addition_time_embed_dim") and cfg.get("projection_class_embeddings_input_dim")):
+            raise ValueError("unet config addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
         down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
         up = cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
         known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False, "CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -87,6 +108,8 @@ class UNetConfig:
             flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
             freq_shift=cfg.get("freq_shift", 0),
             sample_size=cfg.get("sample_size") or 64,
+            added_time_dim=cfg.get("addition_time_embed_dim") if added else None,
+            added_cond_dim=(cfg.get("projection_class_embeddings_input_dim") or 0) if added else 0,
         )
 
 
@@ -293,6 +316,8 @@ class UNet(nn.Module):
         temb_dim = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        if cfg.added_time_dim is not None:
+            self.add_embedding = TimestepEmbedding(cfg.added_cond_dim, temb_dim)
         self.down_blocks = nn.ModuleList(
             DownBlock(ch[max(i - 1, 0)], ch[i], i, cfg, temb_dim, final=i == len(ch) - 1) for i in range(len(ch)))
         self.mid_block = MidBlock(ch[-1], cfg, temb_dim)
@@ -304,11 +329,16 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_groups, ch[0], cfg.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) latents; t: () or (B,) timesteps; context: (B, N, context_dim) text embeddings."""
-        t = t.reshape(-1).expand(x.shape[0])
-        emb = timestep_embedding(t, self.config.block_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) latents; t: () or (B,) timesteps; context: (B, N, context_dim) text embeddings.
+        SDXL only (``config.added_time_dim`` set): text_embeds (B, P) pooled text, time_ids (B, n) micro-conditioning."""
+        cfg = self.config
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
+        emb = timestep_embedding(t, cfg.block_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(emb.to(x.dtype))  # (B, 4*C0)
+        if cfg.added_time_dim is not None:
+            temb = temb + self._added_embedding(text_embeds, time_ids, x.dtype)
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
@@ -321,3 +351,19 @@ class UNet(nn.Module):
             size = skips[-1].shape[-2:] if skips else None
             x = block(x, block_skips, temb, context, size)
         return self.conv_out(self.conv_norm_out(x))
+
+    def _added_embedding(self, text_embeds, time_ids, dtype) -> torch.Tensor:
+        """SDXL's "text_time" embedding: pooled text and sinusoidal micro-conditioning numbers -> (B, 4*C0)."""
+        cfg = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this is an SDXL U-Net: pass text_embeds (B, pooled width) and time_ids (B, n), "
+                             "as Pipeline.generate does")
+        b = text_embeds.shape[0]
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.added_time_dim
+        if width != cfg.added_cond_dim or time_ids.shape[0] != b:
+            raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} make "
+                             f"{width} added inputs but this U-Net takes {cfg.added_cond_dim}: pooled width + "
+                             f"{cfg.added_time_dim} per micro-conditioning number, one row per sample")
+        times = timestep_embedding(time_ids.reshape(-1), cfg.added_time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        times = times.reshape(b, -1)  # (B, n * added_time_dim)
+        return self.add_embedding(torch.cat([text_embeds.float(), times], dim=-1).to(dtype))  # (B, 4*C0)

@@ -1,11 +1,12 @@
 """Measures the shipped default model and draws the README's pictures.
 
-    python -m sdfast.shapes.evaluate                  # the shipped model; figures to stdout and docs/default_model/
+    python -m sdfast.shapes.evaluate                  # the shipped model; figures to stdout and docs/
 
 Every held-out prompt (``dataset.held_out_prompts``: scene combinations training never rendered) is generated once
 at 20 Euler steps with guidance, and the checker compares the image's colour and shape with the prompt's. The
-figures go to ``evaluation.json``; the pictures are a colour x shape grid of short prompts, the step-by-step
-preview strip (the model's clean-image estimate, VAE-decoded, at steps 1, 2, 4, 5, 10, 20) and an interpolation.
+figures go to ``evaluation.json``; the pictures are a colour x shape grid of short prompts (``grid.png``), the
+step-by-step preview strip (the model's clean-image estimate, VAE-decoded, at steps 1, 2, 4, 5, 10, 20:
+``previews.png``) and an interpolation (``interpolate.png``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _labelled(images: list[Image.Image], labels: list[str], columns: int) -> Ima
 
 
 def pictures(pipe: Pipeline, out: Path, steps: int, guidance: float) -> None:
-    """grid.png (one "a {colour} {shape}" per cell), previews.png, interpolation.png."""
+    """grid.png (one "a {colour} {shape}" per cell), previews.png (the PREVIEW_STEPS up to ``steps``),
+    interpolate.png."""
     prompts = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
     images = pipe.generate(prompts, steps=steps, guidance_scale=guidance, seed=0).images
     _labelled(images, [p[2:] for p in prompts], columns=len(SHAPES)).save(out / "grid.png")
@@ -77,21 +79,24 @@ def pictures(pipe: Pipeline, out: Path, steps: int, guidance: float) -> None:
     result = pipe.generate(prompt, steps=steps, guidance_scale=guidance, seed=1, preview_every=1,
                            preview_decode="vae")
     previews = dict(result.previews)
-    _labelled([previews[s][0] for s in PREVIEW_STEPS], [f"step {s}" for s in PREVIEW_STEPS],
-              columns=len(PREVIEW_STEPS)).save(out / "previews.png")
+    shown = [s for s in PREVIEW_STEPS if s <= steps]
+    _labelled([previews[s][0] for s in shown], [f"step {s}" for s in shown], columns=len(shown)).save(
+        out / "previews.png")
 
     frames = interpolate(pipe, "a red circle", "a blue square", 8, seed=0, steps=steps, guidance_scale=guidance)
-    strip([f.resize((CELL, CELL), Image.NEAREST) for f in frames]).save(out / "interpolation.png")
+    strip([f.resize((CELL, CELL), Image.NEAREST) for f in frames]).save(out / "interpolate.png")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sdfast.shapes.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
-    parser.add_argument("--out", type=Path, default=Path("docs/default_model"), help="figures and pictures")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="figures and pictures")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipe = load(args.model)
     start = time.time()
     figures = measure(pipe, held_out_prompts(), args.steps, args.guidance)

@@ -58,7 +58,9 @@ UNET_CONFIG = {
     "center_input_sample": False, "use_linear_projection": False,
 }
 TEXT_CONFIG = {  # transformers' CLIPTextConfig; width 32 keeps the 49408-token embedding at 3 MB in fp16
-    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "torch_dtype": "float16",
+    # torch_dtype is the dtype transformers loads in when not told: fp32, as diffusers loads the U-Net and VAE, so a
+    # plain StableDiffusionPipeline.from_pretrained(folder) does not mix fp16 text embeddings with an fp32 U-Net
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "torch_dtype": "float32",
     "vocab_size": 49408, "max_position_embeddings": 77, "hidden_size": 32, "intermediate_size": 128,
     "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
     "projection_dim": 32, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,

@@ -12,6 +12,8 @@ from sdfast import backends
 
 pytest.importorskip("onnxruntime", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 
+from sdfast.backends.onnxruntime import Session, providers_for  # noqa: E402
+
 LATENT_TOL = 1e-4
 
 
@@ -84,16 +86,53 @@ def test_bad_backend_requests(sd1, sd1_onnx):
         sdfast.load(sd1.path, cache="/tmp")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with pytest.raises(ValueError, match="no CUDA provider: pip install onnxruntime-gpu"):
-            sdfast.load(sd1_onnx.folder, backend="onnxruntime", device="cuda")
+            providers_for(torch.device("cuda"))
+
+
+def test_cuda_graph_bookkeeping(sd1_onnx):
+    """What cuda_graph=True adds around a run, on the CPU provider (which ignores gpu_graph_id; only the CUDA
+    provider captures): one set of static tensors and one graph id per input shape, results equal to the plain
+    binding's, and returned outputs that the next replay does not overwrite."""
+    path, cpu = sd1_onnx.folder / "unet.onnx", torch.device("cpu")
+    graphed = Session(path, cpu, ["CPUExecutionProvider"], cuda_graph=True)
+    plain = Session(path, cpu)
+    g = torch.Generator().manual_seed(0)
+
+    def call(session, batch, side, seed_shift=0.0):
+        inputs = {"sample": torch.randn(batch, 4, side, side, generator=g) + seed_shift,
+                  "timestep": torch.full((batch,), 500.0), "context": torch.randn(batch, 77, 32, generator=g)}
+        return inputs, session(inputs, {"noise": (batch, 4, side, side)})["noise"]
+
+    _, first = call(graphed, 2, 8)
+    kept = first.clone()
+    for batch, side in [(2, 8), (1, 16), (2, 8), (1, 16)]:
+        inputs, got = call(graphed, batch, side, seed_shift=1.0)
+        assert torch.equal(got, plain(inputs, {"noise": got.shape})["noise"])
+    assert torch.equal(first, kept)  # a copy, not the static output tensor that later replays wrote into
+    assert len(graphed.captured) == 2
+    ids = [c.run_options.get_run_config_entry("gpu_graph_id") for c in graphed.captured.values()]
+    assert ids == ["0", "1"]
+    with pytest.raises(ValueError, match="cuda_graph=True needs the CUDA provider"):
+        sdfast.load(sd1_onnx.folder, backend="onnxruntime", cuda_graph=True)
+
+
+def _needs_cuda_provider():
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA provider with IO binding needs a CUDA GPU")
-def test_cuda_provider_with_io_binding_equals_torch(sd1_onnx):
-    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
-        pytest.skip("onnxruntime-gpu is not installed")
-    pipe = sdfast.load(sd1_onnx.folder, backend="onnxruntime", device="cuda")
-    result = pipe.generate("a red circle", steps=4, seed=3)
-    assert result.latents.device.type == "cuda"
-    expected = sd1_onnx.torch.generate("a red circle", steps=4, seed=3)
-    assert rel_err(result.latents.cpu(), expected.latents) < 1e-3  # cuDNN / cuBLAS kernels, not the CPU's
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_provider_with_io_binding_equals_torch(sd1_onnx, cuda_graph):
+    """The CUDA provider with IO binding, and with CUDA graphs (two sizes: two graphs; 4 steps: warm-up runs, the
+    capture and replays), against the torch backend on the CPU."""
+    _needs_cuda_provider()
+    pipe = sdfast.load(sd1_onnx.folder, backend="onnxruntime", device="cuda", cuda_graph=cuda_graph)
+    for width in (64, 96):
+        result = pipe.generate("a red circle", steps=4, seed=3, width=width, height=64)
+        assert result.latents.device.type == "cuda"
+        expected = sd1_onnx.torch.generate("a red circle", steps=4, seed=3, width=width, height=64)
+        assert rel_err(result.latents.cpu(), expected.latents) < 1e-3  # cuDNN / cuBLAS kernels, not the CPU's
+    if cuda_graph:
+        assert len(pipe.unet.run.captured) == 2

@@ -3,6 +3,7 @@ axes work, the manifest says what is in the folder, and onnxslim's changes are r
 
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
@@ -80,10 +81,14 @@ def test_group_norm_is_one_node_and_onnxslim_is_reported(sd1_onnx):
 
 def test_older_opset_and_external_data(sd1_onnx, tmp_path):
     """Opset 18 has no GroupNormalization: the exporter decomposes it (and the graph still matches). Weights past
-    the threshold go to NAME.onnx.data, which ONNX Runtime reads and the file hash covers."""
+    the threshold go to NAME.onnx.data, which ONNX Runtime reads and the file hash covers. The log line says what
+    onnxslim removed."""
+    lines = []
     manifest = export.export_pipeline(sd1_onnx.torch, tmp_path, opset=18, networks=("vae_decoder",),
-                                      external_data_bytes=0)
+                                      external_data_bytes=0, log=lines.append)
     net = manifest["networks"]["vae_decoder"]
+    removed = ", ".join(f"{op} {n}" for op, n in sorted(net["slim"]["removed"].items(), key=lambda kv: -kv[1])[:4])
+    assert len(lines) == 1 and f"nodes after onnxslim (removed {removed}" in lines[0], lines
     assert net["external_data"] == "vae_decoder.onnx.data" and (tmp_path / net["external_data"]).is_file()
     assert max(net["check"]["rel_err"].values()) < FP32_TOL
     ops = export.op_counts(onnx.load(str(tmp_path / "vae_decoder.onnx"), load_external_data=False))
@@ -125,6 +130,9 @@ def test_bad_requests_are_clear_errors(sd1_onnx, tmp_path):
         export.export_pipeline(pipe, tmp_path, networks=("clip",))
     with pytest.raises(export.ExportError, match="supports fp32 and fp16, not torch.bfloat16"):
         export.export_pipeline(dataclasses.replace(pipe, dtype=torch.bfloat16), tmp_path)
+    sdxl_unet = types.SimpleNamespace(config=types.SimpleNamespace(added_time_dim=256))
+    with pytest.raises(export.ExportError, match="ONNX export covers SD 1.x / 2.x; this is an SDXL pipeline"):
+        export.export_pipeline(dataclasses.replace(pipe, unet=sdxl_unet), tmp_path)
     with pytest.raises(export.ExportError, match="has no manifest.json"):
         export.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "sdfast-onnx/0"}))

@@ -81,6 +81,50 @@ def test_a_changed_onnx_file_makes_the_engine_stale(folder_copy):
         trt.find_engine(folder_copy, "unet")
 
 
+def test_an_engine_from_another_tensorrt_or_gpu_is_stale(folder_copy):
+    """The key's other fields: an engine whose sidecar names another TensorRT version or GPU is refused, naming
+    what differs; an unreadable sidecar is named too."""
+    built = trt.build_engines(folder_copy, SHAPES, networks=("vae_decoder",))["vae_decoder"]
+    sidecar = built.path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    now = dict(meta["key_fields"])
+    meta["key_fields"].update(version="0.9", gpu="NVIDIA GeForce RTX 4090 (sm_89)")
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(trt.EngineError, match=rf"every one is stale .*version '0\.9' \(now '{now['version']}'\); "
+                                              r"gpu 'NVIDIA GeForce RTX 4090 \(sm_89\)' \(now '.*'\)"):
+        trt.find_engine(folder_copy, "vae_decoder")
+    sidecar.write_text("{not json")
+    with pytest.raises(trt.EngineError, match=r"unreadable sidecar \(JSONDecodeError\)"):
+        trt.find_engine(folder_copy, "vae_decoder")
+
+
+def test_timing_cache(engines, sd1_onnx):
+    """Full TensorRT shares one timing cache per TensorRT version and GPU across builds; TensorRT-RTX does not time
+    tactics (its timing-cache calls are no-ops that would need a GPU), writes none, and keys its engines by its
+    portable target set rather than by this machine's GPU."""
+    fields = engines["unet"].meta["key_fields"]
+    cache = trt.timing_cache_path(sd1_onnx.folder, fields)
+    if fields["flavour"] == "tensorrt_rtx":
+        assert not any(e.meta["timing_cache"] for e in engines.values()) and not cache.exists()
+        assert fields["gpu"] == "portable (TensorRT-RTX default targets)"
+    else:
+        assert all(e.meta["timing_cache"] for e in engines.values()) and cache.stat().st_size > 0
+        assert cache.name != trt.timing_cache_path(sd1_onnx.folder, {**fields, "version": "0.9"}).name
+
+
+@pytest.mark.gpu
+@CUDA
+def test_full_tensorrt_reuses_its_timing_cache(folder_copy):
+    if trt.flavour()["flavour"] != "tensorrt":
+        pytest.skip("the timing cache is full TensorRT's (TensorRT-RTX does not time tactics)")
+    first = trt.build_engines(folder_copy, SHAPES, networks=("vae_decoder",))["vae_decoder"]
+    cache = trt.timing_cache_path(folder_copy, first.meta["key_fields"])
+    size = cache.stat().st_size
+    other = trt.build_engines(folder_copy, trt.Shapes.parse(["64x64"], [1]), networks=("vae_decoder",))
+    assert not other["vae_decoder"].cached and other["vae_decoder"].meta["timing_cache"]
+    assert cache.stat().st_size >= size  # loaded, extended, written back: never started afresh
+
+
 def test_a_corrupt_engine_is_refused_then_rebuilt(folder_copy):
     built = trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",))["text_encoder"]
     data = bytearray(built.path.read_bytes())

@@ -1,0 +1,168 @@
+"""The ``triton`` backend: sdfast's Triton kernels behind the model's seams, fused QKV projections, channels-last
+weights and, on a GPU, one CUDA graph of the U-Net step per shape.
+
+A model -> model step over a loaded torch pipeline (``sdfast.load(..., backend="triton")`` calls ``apply``):
+- every ``GroupNorm.kernel`` becomes ``sdfast.kernels.group_norm.group_norm`` (fp32 statistics, fused SiLU);
+- every ``Attention.kernel`` whose head dim the kernel takes (<= 256: all U-Net heads) becomes
+  ``sdfast.kernels.attention.attention`` (the VAE's single 512-wide head stays on torch's SDPA);
+- ``prepare`` (shared with the ``compile`` backend) makes the conv weights channels-last and fuses self-attention's
+  q / k / v projections into one GEMM;
+- ``CudaGraphUNet`` replays the U-Net from a CUDA graph captured per (latent shape, context shape, dtype).
+Nothing global is patched and no parameter is renamed: ``state_dict()`` keeps the checkpoint's keys.
+On CPU the kernels only run in Triton's interpreter (``TRITON_INTERPRET=1``, for tests), without graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.layers import Attention, GroupNorm
+from ..models.unet import TransformerBlock
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """What the backend does, and what each step costs.
+
+    channels_last: convs run NHWC, the tensor cores' layout; a one-time copy of the conv weights. The GroupNorm
+        kernel reads either layout, and the transformer's (B, C, H, W) -> (B, HW, C) permute becomes a free view.
+    fuse_qkv: self-attention's q / k / v projections run as one GEMM (one read of the tokens, one launch); the
+        fused weight is a new tensor and to_q / to_k / to_v.weight become views of it, so no memory is added.
+    cuda_graph: the U-Net step is replayed from a CUDA graph (about a thousand launches become one); each captured
+        shape holds its own activations in GPU memory, and the first call per shape captures (a few U-Net runs).
+    """
+
+    channels_last: bool = True
+    fuse_qkv: bool = True
+    cuda_graph: bool = True
+
+
+class FusedSelfAttention(Attention):
+    """Self-attention whose projections are one (3*H*D, dim) GEMM. Built from a loaded ``Attention`` by ``fuse``:
+    ``to_q`` / ``to_k`` / ``to_v`` keep their parameters, now views of ``qkv_weight`` (a non-persistent buffer),
+    so the checkpoint's names and in-place weight updates (e.g. LoRA merges) still apply. Convert dtype or device
+    before fusing: ``.to()`` afterwards would copy the views apart."""
+
+    @classmethod
+    def fuse(cls, attn: Attention) -> "FusedSelfAttention":
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.heads, fused.upcast, fused.kernel = attn.heads, attn.upcast, attn.kernel
+        fused.to_q, fused.to_k, fused.to_v, fused.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        inner = attn.to_q.out_features
+        weight = torch.cat([p.weight.detach() for p in projections])  # (3*H*D, dim)
+        fused.register_buffer("qkv_weight", weight, persistent=False)
+        for p, part in zip(projections, weight.split(inner)):
+            p.weight = nn.Parameter(part, requires_grad=False)
+        bias = None
+        if attn.to_q.bias is not None:
+            bias = torch.cat([p.bias.detach() for p in projections])  # (3*H*D,)
+            for p, part in zip(projections, bias.split(inner)):
+                p.bias = nn.Parameter(part, requires_grad=False)
+        fused.register_buffer("qkv_bias", bias, persistent=False)
+        return fused
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is not None:
+            raise ValueError("FusedSelfAttention is self-attention: it takes no context")
+        inner = self.to_q.out_features
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (B, N, 3*H*D)
+        q, k, v = qkv.split(inner, dim=-1)  # 3 x (B, N, H*D) views, row stride 3*H*D: the kernel reads them in place
+        return self.to_out[0](self.kernel(q, k, v, self.heads, self.upcast))
+
+
+def prepare(net: nn.Module, *, channels_last: bool, fuse_qkv: bool) -> nn.Module:
+    """The model changes both GPU backends share (in place): channels-last conv weights, fused self-attention QKV
+    (a ``TransformerBlock``'s ``attn1``, diffusers' self-attention slot)."""
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if fuse_qkv:
+        for block in net.modules():
+            if isinstance(block, TransformerBlock) and type(block.attn1) is Attention:
+                block.attn1 = FusedSelfAttention.fuse(block.attn1)
+    return net
+
+
+def use_kernels(net: nn.Module) -> nn.Module:
+    """Put the Triton kernels behind ``net``'s GroupNorm and Attention seams (in place)."""
+    from sdfast.kernels.attention import attention, supports
+    from sdfast.kernels.group_norm import group_norm
+
+    for module in net.modules():
+        if isinstance(module, GroupNorm):
+            module.kernel = group_norm
+        elif isinstance(module, Attention) and supports(module.to_q.out_features // module.heads):
+            module.kernel = attention
+    return net
+
+
+class CudaGraphUNet(nn.Module):
+    """``unet(x, t, context, **extra)`` replayed from CUDA graphs, one captured per set of input shapes and dtypes
+    (``extra``: the SDXL U-Net's ``text_embeds`` / ``time_ids``; None ones are left out).
+
+    A call copies its inputs into the graph's static buffers, replays, and returns a copy of the static output (so
+    the next call cannot overwrite a result still in use). ``t`` is kept as fp32 (B,), as the U-Net reads it.
+    ``config`` and the wrapped ``unet`` stay reachable for the pipeline."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
+        inputs = {"x": x, "t": t, "context": context, **{k: v for k, v in extra.items() if v is not None}}
+        key = tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items())
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        graph, static, out = self.graphs[key]
+        for name, buffer in static.items():
+            buffer.copy_(inputs[name])
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, inputs: dict[str, torch.Tensor]):
+        static = {name: v.clone() for name, v in inputs.items()}
+        static["t"] = static["t"].to(torch.float32)
+        x, t, context = static.pop("x"), static.pop("t"), static.pop("context")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: autotuning, cuDNN plans, lazy allocations
+            for _ in range(2):
+                self.unet(x, t, context, **static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.unet(x, t, context, **static)  # (B, C, h, w), lives in the graph's private pool
+        return graph, {"x": x, "t": t, "context": context, **static}, out
+
+
+def apply(pipe, **options):
+    """The pipeline with its U-Net and VAE on the Triton kernels (modules converted in place); ``options`` are
+    ``TritonOptions`` fields. Needs a CUDA device, or the CPU under ``TRITON_INTERPRET=1`` (tests only: slow)."""
+    from sdfast.kernels import interpreted, require
+
+    require("the triton backend")
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TritonOptions)})
+    if unknown:
+        raise ValueError(f"the triton backend has no option(s) {unknown}; it takes "
+                         f"{[f.name for f in dataclasses.fields(TritonOptions)]}")
+    opts = TritonOptions(**options)
+    if pipe.device.type != "cuda" and not interpreted():
+        raise ValueError(f"the triton backend runs on a CUDA GPU, not {pipe.device}: load with device='cuda' "
+                         "(on a CPU, TRITON_INTERPRET=1 runs its kernels in Triton's slow interpreter, for tests)")
+    for net in (pipe.unet, pipe.vae):
+        use_kernels(prepare(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv))
+    unet = CudaGraphUNet(pipe.unet) if opts.cuda_graph and pipe.device.type == "cuda" else pipe.unet
+    return dataclasses.replace(pipe, unet=unet)

@@ -1,0 +1,257 @@
+"""``sdfast bench``: every configuration (backend x size x batch) timed the same way, beside diffusers' pipeline.
+
+Each backend is loaded once; its load time (with any ONNX export or engine build) is its first-run cost. Then for
+each size and batch: ``warmup`` untimed generations (the first one's wall time is reported too: it pays
+compilation, autotuning and allocator growth for the shape), then ``repeat`` timed ones. Stage latencies come from
+the Recorder (CUDA events on the GPU, no synchronisation inside the loop); end to end is the wall clock around the
+whole call, prompt in, PIL images out, synchronised on both sides. A backend that cannot run here is reported as
+skipped with the reason, a configuration that fails as failed with the reason: the run never stops halfway.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import WeightFile, read_json
+from ..layouts import infer_configs
+from ..schedulers import SCHEDULERS
+from ..timing import Timings, latency_stats
+from .baseline import DiffusersBaseline
+from .env import device_peak, environment
+from .flops import unet_flops
+
+BASELINE = "diffusers"
+SCHEMA_VERSION = 1
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one ``sdfast bench`` run measures. Every backend x size x batch is one configuration of
+    ``warmup + repeat`` full generations, so the run's length is their product."""
+
+    backends: tuple[str, ...] = ("torch",)
+    sizes: tuple[tuple[int, int], ...] = ()  # (width, height) in pixels; empty: the model's own size
+    batches: tuple[int, ...] = (1,)  # images per call
+    steps: int = 30
+    scheduler: str = "euler"
+    dtype: str = "fp16"
+    device: str = "cuda"
+    warmup: int = 1  # untimed generations per configuration
+    repeat: int = 3  # timed generations; step statistics pool steps x repeat samples
+    baseline: bool = True  # diffusers' StableDiffusionPipeline on the same weights, in the same run
+    prompt: str = "a photograph of an astronaut riding a horse"
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+    def check(self) -> None:
+        """One clear error per mistake, before anything loads."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of fp32, fp16, bf16")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(sorted(SCHEDULERS))}")
+        if self.steps < 1 or self.repeat < 1 or self.warmup < 0:
+            raise ValueError(f"steps={self.steps}, repeat={self.repeat}, warmup={self.warmup}: need steps >= 1, "
+                             "repeat >= 1 and warmup >= 0")
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"batch sizes {list(self.batches)}: need at least one, each >= 1")
+        for w, h in self.sizes:
+            if w <= 0 or h <= 0 or w % 8 or h % 8:
+                raise ValueError(f"size {w}x{h} is not a positive multiple of 8")
+        if not self.backends and not self.baseline:
+            raise ValueError("nothing to run: name at least one backend, or keep the baseline")
+        if len(set(self.backends)) != len(self.backends) or BASELINE in self.backends:
+            raise ValueError(f"backends {list(self.backends)}: name each once (the {BASELINE} baseline is added "
+                             "by itself; --no-baseline leaves it out)")
+
+
+def native_size(model: Path) -> tuple[int, int]:
+    """The image size a model was trained at, from its configs (no weights read): a diffusers folder's, an export
+    folder's manifest, or what the single-file loader infers from the tensor shapes."""
+    if (model / "manifest.json").is_file():
+        configs = read_json(model / "manifest.json")["configs"]
+        unet, levels = configs["unet"]["sample_size"], len(configs["vae"]["block_channels"])
+    elif model.is_dir():
+        unet = read_json(model / "unet" / "config.json").get("sample_size") or 64
+        levels = len(read_json(model / "vae" / "config.json").get("block_out_channels", (0,) * 4))
+    else:
+        configs = infer_configs(WeightFile([model]).shapes())
+        unet, levels = configs["unet"]["sample_size"], len(configs["vae"]["block_out_channels"])
+    side = unet * 2 ** (levels - 1)
+    return side, side
+
+
+class _Sdfast:
+    """An sdfast pipeline on one backend, with the baseline's ``generate -> Timings`` signature."""
+
+    def __init__(self, backend: str, model: Path, settings: Settings, sizes):
+        import sdfast
+
+        device = torch.device(settings.device)
+        if backend == "tensorrt" and device.type != "cuda":  # before exporting anything
+            raise ValueError(f"the tensorrt backend runs on a CUDA GPU; this run is on {device}")
+        options = {}
+        if backend == "tensorrt":  # engines for every configuration of the run
+            options = {"sizes": [f"{w}x{h}" for w, h in sizes], "batch": [min(settings.batches),
+                                                                          max(settings.batches)]}
+        self.pipe = sdfast.load(model, device, settings.dtype, backend=backend, **options)
+        self.unet_config = self.pipe.unet.config
+        self.vae_scale_factor = self.pipe.vae_scale_factor
+        self.scheduler = settings.scheduler
+
+    def generate(self, prompt: str, **kwargs) -> Timings:
+        return self.pipe.generate(prompt, scheduler=self.scheduler, **kwargs).timings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def _summary(values: list[float]) -> dict:
+    return {**{k: round(v, 4) for k, v in latency_stats(values).items()}, "n": len(values)}
+
+
+def _memory(device: torch.device) -> dict:
+    """Peak memory of this configuration: torch's allocator peak and the whole device's use on a GPU (ONNX Runtime
+    and TensorRT allocate outside torch); on a CPU, the process's resident high-water mark so far."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if device.type != "cuda":
+        return {"torch_peak": None, "device_used": None, "process_peak_rss": round(rss_mb, 1)}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"torch_peak": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "device_used": round((total - free) / 2**20, 1), "process_peak_rss": round(rss_mb, 1)}
+
+
+def _measure(runner, settings: Settings, width: int, height: int, batch: int, bar: tqdm) -> dict:
+    device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    call = dict(width=width, height=height, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                seed=settings.seed, batch_size=batch)
+    timings: list[Timings] = []
+    wall: list[float] = []
+    for i in range(settings.warmup + settings.repeat):
+        _sync(device)
+        start = time.perf_counter()
+        t = runner.generate(settings.prompt, **call)
+        _sync(device)
+        ms = (time.perf_counter() - start) * 1e3
+        if i == 0:
+            first_call_ms = ms
+        if i >= settings.warmup:
+            timings.append(t)
+            wall.append(ms)
+        bar.update(1)
+    guided = 2 if settings.guidance_scale > 1.0 else 1
+    f = runner.vae_scale_factor  # pixels per latent cell
+    flops = unet_flops(runner.unet_config, guided * batch, height // f, width // f)
+    unet = _summary([ms for t in timings for ms in t.unet_ms])
+    end_to_end = _summary(wall)
+    return {
+        "status": "ok",
+        "reason": None,
+        "first_call_ms": round(first_call_ms, 3),
+        "latency_ms": {
+            "text_encoder": _summary([t.text_encoder_ms for t in timings]),
+            "unet": unet,
+            "scheduler": _summary([ms for t in timings for ms in t.scheduler_ms]),
+            "step": _summary([ms for t in timings for ms in t.step_ms]),
+            "vae_decode": _summary([t.vae_decode_ms for t in timings]),
+            "end_to_end": end_to_end,
+        },
+        "images_per_s": batch / (end_to_end["p50"] / 1e3),
+        "memory_mb": _memory(device),
+        "unet_flops": flops,
+        "unet_tflops": flops / (unet["p50"] / 1e3) / 1e12,
+    }
+
+
+def _bench_backend(backend: str, model: Path, settings: Settings, sizes, bar: tqdm) -> list[dict]:
+    configs = [(w, h, b) for w, h in sizes for b in settings.batches]
+    bar.set_postfix_str(f"{backend}: loading")
+    start = time.perf_counter()
+    try:
+        if backend == BASELINE:
+            runner = DiffusersBaseline(model, torch.device(settings.device), DTYPES[settings.dtype],
+                                       settings.scheduler)
+        else:
+            runner = _Sdfast(backend, model, settings, sizes)
+    except Exception as e:  # unknown, not installed, no GPU, cannot export or build: this backend is skipped
+        bar.update(len(configs) * (settings.warmup + settings.repeat))
+        return [{"backend": backend, "width": w, "height": h, "batch": b, "status": "skipped", "reason": _reason(e)}
+                for w, h, b in configs]
+    load_s = time.perf_counter() - start
+    rows = []
+    for w, h, b in configs:
+        bar.set_postfix_str(f"{backend} {w}x{h} batch {b}")
+        row = {"backend": backend, "width": w, "height": h, "batch": b, "load_s": round(load_s, 3)}
+        try:
+            row.update(_measure(runner, settings, w, h, b, bar))
+        except Exception as e:  # e.g. out of memory, a shape outside an engine's profiles, NaN in fp16
+            row.update(status="failed", reason=_reason(e))
+        rows.append(row)
+    del runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _add_speedups(rows: list[dict], peak) -> None:
+    """Each row's speed-up over the baseline of the same size and batch (baseline time / row time, > 1 is faster),
+    and its U-Net throughput as a fraction of the device's peak."""
+    base = {(r["width"], r["height"], r["batch"]): r for r in rows if r["backend"] == BASELINE and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["fraction_of_peak"] = r["unet_tflops"] / peak.tflops if peak else None
+        b = base.get((r["width"], r["height"], r["batch"]))
+        r["speedup"] = None if b is None else {
+            key: b["latency_ms"][key]["p50"] / r["latency_ms"][key]["p50"] for key in ("step", "end_to_end")}
+
+
+def run(model: str | Path, settings: Settings, *, label: str | None = None, command: str | None = None,
+        progress: bool = True) -> dict:
+    """Benchmark ``model`` (a diffusers folder, single file or export folder) as ``settings`` say; returns the
+    report as a JSON-ready dict (the schema: ``sdfast.bench.report.SCHEMA``)."""
+    settings.check()
+    model = Path(model)
+    if not model.exists():
+        raise ValueError(f"model {model} does not exist: pass a diffusers folder or a .safetensors / .ckpt file")
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device: use --device cpu")
+    sizes = settings.sizes or (native_size(model),)
+    env = environment(device)
+    peak = device_peak(env["gpu"], DTYPES[settings.dtype])
+    backends = ([BASELINE] if settings.baseline else []) + list(settings.backends)
+    calls = len(backends) * len(sizes) * len(settings.batches) * (settings.warmup + settings.repeat)
+    rows = []
+    with tqdm(total=calls, desc="bench", unit="generation", file=sys.stderr, disable=not progress) as bar:
+        for backend in backends:
+            rows += _bench_backend(backend, model, settings, sizes, bar)
+    _add_speedups(rows, peak)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "model": {"path": str(model), "label": label or model.name},
+        "settings": {**asdict(settings), "sizes": [f"{w}x{h}" for w, h in sizes]},
+        "environment": env,
+        "peak": None if peak is None else {"tflops": peak.tflops, "source": peak.source},
+        "rows": rows,
+    }

@@ -1,0 +1,92 @@
+"""The GroupNorm(+SiLU) kernel against its plain-torch reference (evaluated in fp64), in Triton's interpreter on CPU
+(TRITON_INTERPRET=1, set in tests/conftest.py when there is no GPU).
+
+Bounds (relative L2): fp32 1e-5; fp16 1e-3 (one output rounding, ~3e-4); bf16 1e-2, because Triton's interpreter
+casts fp32 -> bf16 by truncation (one full bf16 ulp, ~4e-3, where the GPU rounds to nearest).
+"""
+
+import pytest
+import torch
+
+from conftest import rel_err
+
+pytest.importorskip("triton", reason="Triton is not installed: pip install triton")
+from sdfast.kernels import group_norm as gn  # noqa: E402
+from sdfast.models.layers import group_norm as seam_group_norm  # noqa: E402
+
+# SiLU's sigmoid overflows exp() for very negative inputs in the interpreter's numpy (to the right limit, 0)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _inputs(b, c, h, w, dtype, channels_last, mean=0.0, std=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, c, h, w, generator=g) * std + mean).to(DEVICE, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = (1 + 0.5 * torch.randn(c, generator=g)).to(DEVICE, dtype)
+    bias = (0.5 * torch.randn(c, generator=g)).to(DEVICE, dtype)
+    return x, weight, bias
+
+
+# (B, C, H, W, groups): the tiny test models' 8 / 16 groups; SD's 32 groups with 10, 20, 40 channels per group
+# (320 / 640 / 1280 channels) and the VAE's 4; odd spatial sizes; one element per group. Every shape in fp32 in both
+# layouts; fp16 and bf16 on a few (the interpreter takes ~1 s a call, so the grid is kept lean).
+SHAPES = [(2, 32, 8, 8, 8), (1, 64, 5, 7, 16), (2, 320, 4, 4, 32), (1, 640, 3, 5, 32), (1, 1280, 2, 3, 32),
+          (1, 128, 9, 11, 32), (3, 16, 1, 1, 16)]
+CASES = ([(shape, torch.float32, cl) for shape in SHAPES for cl in (False, True)]
+         + [(shape, dtype, cl) for shape in SHAPES[1:3] for dtype in (torch.float16, torch.bfloat16)
+            for cl in (False, True)])
+
+
+@pytest.mark.parametrize("shape,dtype,channels_last", CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{str(d)[6:]}-{'nhwc' if cl else 'nchw'}" for s, d, cl in CASES])
+def test_matches_reference(shape, dtype, channels_last):
+    *size, groups = shape
+    silu = sum(size) % 2 == 0  # both variants over the shapes, one kernel call per case
+    x, weight, bias = _inputs(*size, dtype, channels_last, mean=1.0, std=2.0)
+    y = gn.group_norm(x, weight, bias, groups, 1e-5, silu)
+    expected = gn.group_norm_reference(x.double(), weight.double(), bias.double(), groups, 1e-5, silu)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert rel_err(y, expected) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_many_chunks_and_a_large_mean(monkeypatch, channels_last):
+    """Small chunks force a group's statistics to be combined from many programs (Chan's formula); a mean of 300
+    with std 0.05 would lose the variance to cancellation in fp32 E[x^2] - E[x]^2 (~100% error). Checked against
+    fp64: what remains is the fp32 mean's own rounding, 300 * 6e-8 / 0.05 ~ 4e-4."""
+    monkeypatch.setattr(gn, "CHUNK_ELEMENTS", 64)
+    x, weight, bias = _inputs(2, 40, 9, 13, torch.float32, channels_last, mean=300.0, std=0.05, seed=3)
+    expected = gn.group_norm_reference(x.double(), weight.double(), bias.double(), 4, 1e-6, True)
+    assert rel_err(gn.group_norm(x, weight, bias, 4, 1e-6, True), expected) < 1e-3
+
+
+def test_reference_equals_the_model_seam():
+    """The kernel's reference is the torch seam's maths (sdfast.models.layers.group_norm) in fp32."""
+    x, weight, bias = _inputs(2, 32, 6, 6, torch.float32, False)
+    torch.testing.assert_close(gn.group_norm_reference(x, weight, bias, 8, 1e-6, True),
+                               seam_group_norm(x, weight, bias, 8, 1e-6, True))
+
+
+def test_strided_input_is_made_contiguous():
+    """A layout that is neither NCHW nor channels-last (a sliced view) is copied, not misread."""
+    x, weight, bias = _inputs(1, 16, 6, 10, torch.float32, False)
+    view = x[:, :, :, ::2]  # (1, 16, 6, 5), W stride 2
+    assert rel_err(gn.group_norm(view, weight, bias, 4, 1e-5, False),
+                   gn.group_norm_reference(view, weight, bias, 4, 1e-5, False)) < 1e-5
+
+
+@pytest.mark.parametrize("args,message", [
+    (((2, 30, 4, 4), 8, torch.float32), "do not split into 8 groups"),
+    (((2, 32, 16), 8, torch.float32), r"\(B, C, H, W\)"),
+    (((2, 32, 4, 4), 8, torch.float64), "fp16, bf16 and fp32"),
+])
+def test_bad_input_is_named(args, message):
+    shape, groups, dtype = args
+    x = torch.randn(shape, dtype=dtype, device=DEVICE)
+    weight = torch.ones(shape[1], dtype=dtype, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        gn.group_norm(x, weight, torch.zeros_like(weight), groups, 1e-5, True)

@@ -1,0 +1,39 @@
+"""The checker on ground-truth renders: the colour always, the shape nearly always; no shape on a blank image."""
+
+import numpy as np
+import pytest
+
+from sdfast.shapes.checker import check, classify, prompt_attributes
+from sdfast.shapes.dataset import ALL_SCENES, HELD_OUT, render
+
+
+@pytest.fixture(scope="module")
+def renders():
+    """Every held-out scene plus 150 other scenes spread over all combinations, each rendered once."""
+    rng = np.random.default_rng(11)
+    scenes = list(HELD_OUT) + list(ALL_SCENES[::10][:150])
+    return [(render(scene, rng), scene) for scene in scenes]
+
+
+def test_checker_agrees_with_ground_truth(renders):
+    checks = [check(image, scene.caption()) for image, scene in renders]
+    assert np.mean([c.colour_ok for c in checks]) == 1.0
+    assert np.mean([c.shape_ok for c in checks]) >= 0.98
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle", "star"])
+def test_every_shape_is_recognised(renders, shape):
+    verdicts = [classify(image).shape for image, scene in renders if scene.shape == shape]
+    assert np.mean([v == shape for v in verdicts]) >= 0.95
+
+
+def test_no_shape_on_plain_or_textured_background():
+    assert classify(np.full((64, 64, 3), 128, np.uint8)).shape is None
+    noise = np.random.default_rng(0).integers(110, 146, (64, 64, 1)).repeat(3, axis=2).astype(np.uint8)
+    assert classify(noise) == classify(np.full((64, 64, 3), 20, np.uint8))  # grey noise has no chroma
+    assert not check(np.full((64, 64, 3), 240, np.uint8), "a red circle").colour_ok
+
+
+def test_prompt_attributes():
+    assert prompt_attributes("a small Red circle, at the top left") == ("red", "circle")
+    assert prompt_attributes("a cat") == (None, None)

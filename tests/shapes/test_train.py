@@ -1,0 +1,56 @@
+"""``python -m sdfast.shapes.train --quick``: every stage runs, and the folder it writes is a Stable Diffusion
+pipeline that both sdfast and diffusers load, generating the same image."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import sdfast
+from sdfast.shapes.train import main
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick") / "model"
+    threads = torch.get_num_threads()
+    main(["--out", str(out), "--quick", "--threads", "1"])
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_writes_a_diffusers_folder_in_fp16(quick_model):
+    for part, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                          ("text_encoder", "model")):
+        with safe_open(quick_model / part / f"{weights}.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert (quick_model / "tokenizer" / "vocab.json").is_file() and (quick_model / "tokenizer" / "merges.txt").is_file()
+    assert json.loads((quick_model / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "EulerDiscreteScheduler"
+    scaling = json.loads((quick_model / "vae" / "config.json").read_text())["scaling_factor"]
+    assert isinstance(scaling, float) and 0.05 < scaling < 20  # measured from the latents, not left at None
+
+
+def test_sdfast_and_diffusers_load_it_and_agree(quick_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = sdfast.load(quick_model)
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size * 8 == 64
+    ours = pipe.generate("a red circle", steps=4, seed=2, scheduler="euler")
+    reference = StableDiffusionPipeline.from_pretrained(quick_model)  # fp32
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(2),
+                       output_type="latent").images
+    torch.testing.assert_close(ours.latents, theirs, rtol=1e-3, atol=1e-3)
+    assert np.asarray(ours.images[0]).shape == (64, 64, 3)
+
+
+def test_same_arguments_give_the_same_weights(quick_model, tmp_path):
+    threads = torch.get_num_threads()
+    main(["--out", str(tmp_path / "again"), "--quick", "--threads", "1"])
+    torch.set_num_threads(threads)
+    for weights in quick_model.rglob("*.safetensors"):
+        again = tmp_path / "again" / weights.relative_to(quick_model)
+        assert weights.read_bytes() == again.read_bytes(), weights.relative_to(quick_model)
