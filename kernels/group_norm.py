@@ -39,6 +39,9 @@ def _configs() -> list[triton.Config]:
 CONFIGS = _configs()
 # The largest tile a config uses: a chunk's positions must be a multiple of every config's positions per tile.
 MAX_TILE = max(config.kwargs["TILE"] for config in CONFIGS)
+# A tile holds all of a group's channels for at least one position, so every config must fit BLOCK_C channels; wider
+# groups (over 1,024 channels on a GPU, never in SD: its widest is 1280 / 32 = 40) take the torch path.
+MIN_TILE = min(config.kwargs["TILE"] for config in CONFIGS)
 
 
 @triton.autotune(configs=CONFIGS, key=["CPG", "HW", "BLOCK_C"])
@@ -161,9 +164,11 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
         raise ValueError(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must both be ({channels},)")
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
-    y = torch.empty_like(x)  # keeps x's memory format, so y's strides mirror x's
     cpg, hw = channels // groups, h * w
     block_c = triton.next_power_of_2(cpg)
+    if block_c > MIN_TILE:
+        return group_norm_reference(x, weight, bias, groups, eps, silu)
+    y = torch.empty_like(x)  # keeps x's memory format, so y's strides mirror x's
     max_block_p = max(MAX_TILE // block_c, 1)
     chunk_hw = max(triton.next_power_of_2(max(CHUNK_ELEMENTS // cpg, 1)), max_block_p)
     chunks = triton.cdiv(hw, chunk_hw)

@@ -270,9 +270,12 @@ def run_serve(args) -> None:
                            batch_wait_s=args.batch_wait_ms / 1e3, max_queued_requests=args.max_queued)
     from ray import serve
 
-    from .serve.app import start
+    from .serve.app import APP_NAME, start
 
-    start(options, address=args.address)
+    try:
+        start(options, address=args.address)
+    except RuntimeError as e:  # Ray Serve's "Deploying application ... failed", with the replica's traceback
+        raise ValueError(f"the application did not start: {str(e).strip().splitlines()[-1]}") from e
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
@@ -280,6 +283,7 @@ def run_serve(args) -> None:
           f"{args.model or 'the default model'}, backend {args.backend}); Ctrl-C drains and stops", flush=True)
     stop.wait()
     print("sdfast serve: draining in-flight requests, then stopping", flush=True)
+    serve.delete(APP_NAME)  # replicas finish what they hold while the proxy still delivers the answers
     serve.shutdown()
 
 

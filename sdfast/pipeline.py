@@ -108,7 +108,7 @@ class Pipeline:
             raise ValueError("latents= is the initial noise of text to image; img2img (image=) draws its own noise "
                              "from the seed: pass one or the other")
         init_image = _read_image(image) if image is not None else None
-        width, height = self._size(width, height, init_image)
+        width, height = self._size(width, height, init_image, latents)
         self._check(width, height, steps, scheduler, batch_size, strength, preview_every, preview_decode,
                     guidance_scale)
         self._check_xl(prompt_embeds, pooled_prompt_embeds, original_size, target_size, negative_original_size,
@@ -160,6 +160,8 @@ class Pipeline:
                 raise FloatingPointError(
                     f"the latents hold NaN or Inf (dtype {self.dtype}): the U-Net overflowed. Load the model with "
                     "dtype=torch.float32 or torch.bfloat16 instead of showing a black image")
+            if denoising_end is not None:  # a hand-off: the latents are still noisy, only the next model decodes
+                return GenerationResult([], x, Timings.from_spans(recorder.resolve(), self.device), seed, previews)
             with recorder.span("vae_decode"):
                 decoded, vae_dtype, fallback = self._decode(x)
         if not torch.isfinite(decoded).all():
@@ -262,14 +264,18 @@ class Pipeline:
         original = tuple(original_size or (height, width))
         target = tuple(target_size or (height, width))
         crops = tuple(crops)
-        negative_crops = tuple(negative_crops) if negative_crops is not None else crops
+        # diffusers' rules, kept exactly: negative crops default to (0, 0), not to the positive crops; the base
+        # model uses negative sizes only when both are given (else the positive ids), the refiner always has its own
+        negative_crops = tuple(negative_crops) if negative_crops is not None else (0, 0)
         negative_original = tuple(negative_original_size or original)
         negative_target = tuple(negative_target_size or target)
         if self.options.get("requires_aesthetics_score", False):
             ids = original + crops + (aesthetic_score,)
             negative_ids = negative_original + negative_crops + (negative_aesthetic_score,)
         else:
-            ids, negative_ids = original + crops + target, negative_original + negative_crops + negative_target
+            ids = original + crops + target
+            both = negative_original_size is not None and negative_target_size is not None
+            negative_ids = negative_original + negative_crops + negative_target if both else ids
         guide = guidance_scale > 1.0
         if pooled.ndim != 2 or len(pooled) != rows:
             raise ValueError(f"pooled_prompt_embeds of shape {tuple(pooled.shape)} do not fit prompt_embeds: need one "
@@ -337,10 +343,12 @@ class Pipeline:
 
     # -- input checks: one clear message per mistake --
 
-    def _size(self, width, height, image) -> tuple[int, int]:
+    def _size(self, width, height, image, latents=None) -> tuple[int, int]:
+        f = self.vae_scale_factor
         if image is not None:  # img2img keeps the picture's size unless told otherwise
-            f = self.vae_scale_factor
             return width or image.width // f * f, height or image.height // f * f
+        if latents is not None and latents.ndim == 4:  # given latents (e.g. a base model's hand-off) set the size
+            return width or latents.shape[-1] * f, height or latents.shape[-2] * f
         default = self.unet.config.sample_size * self.vae_scale_factor
         return width or default, height or default
 
@@ -373,8 +381,9 @@ class Pipeline:
     def _check_xl(self, prompt_embeds, pooled_prompt_embeds, *micro) -> None:
         """SDXL's extra inputs: pooled embeddings with prompt_embeds; micro-conditioning only for SDXL models."""
         defaults = (None, None, None, None, (0, 0), None, 6.0, 2.5)
+        given = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in micro)  # [0, 0] from JSON is (0, 0)
         if not self.is_xl:
-            if pooled_prompt_embeds is not None or tuple(micro) != defaults:
+            if pooled_prompt_embeds is not None or given != defaults:
                 raise ValueError("pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, their "
                                  "negative_* variants and aesthetic scores are SDXL conditioning; this is an SD 1.x "
                                  "/ 2.x model: leave them out")
@@ -384,7 +393,8 @@ class Pipeline:
                              "use encode_prompt(..., pooled=True), which returns both")
         for name, value in zip(("original_size", "target_size", "negative_original_size", "negative_target_size",
                                 "crops_coords_top_left", "negative_crops_coords_top_left"), micro):
-            if value is not None and (len(tuple(value)) != 2 or not all(np.isfinite(v) for v in value)):
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+                    isinstance(v, (int, float, np.number)) and np.isfinite(v) for v in value)):
                 raise ValueError(f"{name}={value!r}: need two numbers, (height, width) or (top, left)")
 
     def _check_denoising_range(self, start, end, latents, image) -> None:
@@ -454,9 +464,6 @@ def load(path=None, device="cpu", dtype=None, *, overrides: dict | None = None, 
         parts = load_single_file(path, device, dtype, overrides)
     pipe = Pipeline(parts.tokenizer, parts.text_encoder, parts.unet, parts.vae, parts.scheduler_config,
                     device, dtype, parts.text_encoder_2, parts.tokenizer_2, parts.options)
-    if pipe.is_xl and backend not in backends.IN_PLACE:
-        raise ValueError(f"SDXL models run on the torch, triton and compile backends only so far (not "
-                         f"{backend!r}): load with one of those")
     return backends.apply(backend, pipe, device=final_device, **backend_options)
 
 

@@ -63,12 +63,15 @@ def test_default_size_follows_the_unet(pipes):
     assert result.images[0].size == (64, 64)
 
 
-def test_micro_conditioning_matches_diffusers(pipes):
+@pytest.mark.parametrize("negative", [
+    dict(negative_original_size=(256, 256), negative_crops_coords_top_left=(4, 0), negative_target_size=(128, 96)),
+    dict(negative_original_size=(256, 256)),  # one negative size alone: diffusers then uses the positive ids
+    dict(negative_original_size=(256, 256), negative_target_size=(128, 96)),  # negative crops default to (0, 0)
+])
+def test_micro_conditioning_matches_diffusers(pipes, negative):
     ref, pipe = pipes["base"]
     ref.pipe.scheduler = reference_scheduler(ref, "euler")
-    micro = dict(original_size=(512, 384), crops_coords_top_left=(16, 8), target_size=(64, 64),
-                 negative_original_size=(256, 256), negative_crops_coords_top_left=(0, 0),
-                 negative_target_size=(128, 96))
+    micro = dict(original_size=(512, 384), crops_coords_top_left=(16, 8), target_size=(64, 64), **negative)
     expected = reference_latents(ref, num_inference_steps=STEPS, width=64, height=64, negative_prompt="blurry",
                                  **micro)
     result = pipe.generate(PROMPT, negative_prompt="blurry", steps=STEPS, seed=11, width=64, height=64, **micro)
@@ -125,8 +128,10 @@ def test_base_refiner_hand_off_matches_diffusers(pipes):
                                 generator=torch.Generator().manual_seed(12), output_type="latent").images
     first = base.generate(PROMPT, steps=8, seed=11, denoising_end=0.75, **size)
     assert len(first.timings.step_ms) == 6  # 8 Euler steps, the first 3/4 of the schedule
+    assert first.images == [] and first.timings.vae_decode_ms == 0  # noisy latents are not decoded
     assert rel_err(first.latents, handed) < LATENT_TOL
-    second = refiner.generate(PROMPT, latents=first.latents, steps=8, seed=12, denoising_start=0.75, **size)
+    # the size comes from the handed latents (64x48 here, not the refiner's default)
+    second = refiner.generate(PROMPT, latents=first.latents, steps=8, seed=12, denoising_start=0.75)
     assert len(second.timings.step_ms) == 2
     assert rel_err(second.latents, expected) < LATENT_TOL
 
@@ -139,10 +144,12 @@ def test_sdxl_input_errors(pipes, sd1):
         pipe.generate(PROMPT, steps=2, denoising_end=1.5)
     with pytest.raises(ValueError, match=r"original_size=\(64,\): need two numbers"):
         pipe.generate(PROMPT, steps=2, original_size=(64,))
+    with pytest.raises(ValueError, match=r"target_size=\('64', 64\): need two numbers"):
+        pipe.generate(PROMPT, steps=2, target_size=("64", 64))
+    sd = sdfast.load(sd1.path)
     with pytest.raises(ValueError, match=r"SDXL conditioning; this is an SD 1.x / 2.x model"):
-        sdfast.load(sd1.path).generate(PROMPT, steps=2, original_size=(64, 64))
-    with pytest.raises(ValueError, match=r"SDXL models run on the torch, triton and compile backends only"):
-        sdfast.load(pipes["base"][0].path, backend="onnxruntime")
+        sd.generate(PROMPT, steps=2, original_size=(64, 64))
+    sd.generate(PROMPT, steps=1, crops_coords_top_left=[0, 0])  # the default, as JSON writes it: accepted
 
 
 # -- the VAE never returns an overflow as a picture --

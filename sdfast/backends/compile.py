@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .triton import prepare
 
@@ -41,4 +42,17 @@ def apply(pipe, **options):
     unet = prepare(pipe.unet, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
     mode = opts.mode if opts.compiler == "inductor" else None  # modes are Inductor's; other compilers refuse one
     compiled = torch.compile(unet, mode=mode, backend=opts.compiler, fullgraph=True, dynamic=False)
-    return dataclasses.replace(pipe, unet=compiled)
+    return dataclasses.replace(pipe, unet=CompiledUNet(compiled, unet.config))
+
+
+class CompiledUNet(nn.Module):
+    """The compiled U-Net, returning a copy of its output: under ``max-autotune`` Inductor replays CUDA graphs whose
+    output buffer the next call overwrites, while schedulers keep earlier outputs (PNDM's and DPM-Solver's history).
+    The copy is one (B, 4, h, w) tensor per step."""
+
+    def __init__(self, compiled: nn.Module, config):
+        super().__init__()
+        self.compiled, self.config = compiled, config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
+        return self.compiled(x, t, context, **extra).clone()

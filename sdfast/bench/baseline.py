@@ -51,9 +51,9 @@ class DiffusersBaseline:
 
         self.device = device
         if _is_xl(Path(model)):  # no invisible watermark: sdfast adds none, so it would be time for nothing
-            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, add_watermarker=False)
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype, add_watermarker=False)
         else:
-            pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
                                                                      requires_safety_checker=False)
         name, switches = DIFFUSERS_SCHEDULERS[scheduler]
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **switches)

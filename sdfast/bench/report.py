@@ -189,7 +189,7 @@ def markdown(report: dict) -> str:
 def chart(report: dict, path: str | Path) -> Path:
     """A PNG bar chart of the median U-Net call by backend, grouped by size and batch."""
     if not HAS_MATPLOTLIB:
-        raise ValueError('the chart needs matplotlib: pip install "sdfast[bench]" (or leave out --chart)')
+        raise ValueError('the chart needs matplotlib: pip install "sdfast[bench]" (or pass --no-chart)')
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -259,7 +259,8 @@ def compare(old: dict, new: dict, threshold: float = 0.05) -> tuple[str, list[st
                      + f" | {'REGRESSION: ' + ', '.join(slower) if slower else 'ok'} |")
     lost = [k for k, o in before.items() if o["status"] == "ok"
             and k not in {(r["backend"], r["width"], r["height"], r["batch"]) for r in new["rows"]}]
-    if lost:
-        lines += ["", "in the old run only (not compared): "
-                  + ", ".join(f"{b} {w}x{h} batch {n}" for b, w, h, n in lost)]
+    if lost:  # a configuration that stopped being measured must not pass the gate unnoticed
+        names = [f"{b} {w}x{h} batch {n}" for b, w, h, n in lost]
+        lines += ["", "REGRESSION: ran in the old run, missing from the new one: " + ", ".join(names)]
+        regressions += [f"{name}: ran before, missing from the new run" for name in names]
     return "\n".join(lines), regressions

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sdfast.bench import report
+from sdfast.bench.arch import preset
 from sdfast.bench.env import Peak, device_peak
 from sdfast.bench.flops import unet_flops
 from sdfast.bench.run import Settings, run
@@ -107,6 +108,9 @@ def test_compare_flags_a_regression_over_the_threshold(result):
     _row(failed, "torch")["status"], _row(failed, "torch")["reason"] = "failed", "RuntimeError: out of memory"
     assert report.compare(result, failed)[1] == ["torch 64x64 batch 1: ran before, now failed "
                                                  "(RuntimeError: out of memory)"]
+    dropped = copy.deepcopy(result)
+    dropped["rows"].remove(_row(dropped, "torch"))
+    assert report.compare(result, dropped)[1] == ["torch 64x64 batch 1: ran before, missing from the new run"]
 
 
 def test_cli_writes_the_reports_and_compare_exits_1_on_regression(sd1, tmp_path, capsys):
@@ -129,13 +133,31 @@ def test_cli_writes_the_reports_and_compare_exits_1_on_regression(sd1, tmp_path,
     assert "regression: torch 64x64 batch 1: step +100%, end_to_end +100%" in capsys.readouterr().out
 
 
+def test_sdxl_bench_runs_beside_diffusers_sdxl_pipeline(tmp_path, monkeypatch):
+    """`sdfast bench --arch tiny-sdxl`: the baseline is StableDiffusionXLPipeline (StableDiffusionPipeline cannot
+    run the U-Net without its added conditioning), both rows measure every step, and the FLOPs include the added
+    embedding."""
+    monkeypatch.setenv("SDFAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "xl.json"
+    assert main(["bench", "--arch", "tiny-sdxl", "--backends", "torch", "--steps", "2", "--warmup", "0",
+                 "--repeat", "1", "--device", "cpu", "--no-chart", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    jsonschema.validate(saved, report.SCHEMA)
+    assert saved["settings"]["sizes"] == ["64x64"] and saved["model"]["label"] == "tiny-sdxl (random weights)"
+    for backend in ("diffusers", "torch"):
+        row = _row(saved, backend)
+        assert row["status"] == "ok", row["reason"]
+        assert row["latency_ms"]["unet"]["n"] == 2 and row["latency_ms"]["text_encoder"]["p50"] > 0
+        assert row["unet_flops"] == unet_flops(preset("tiny-sdxl").unet, 2, 8, 8)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sizes", "500"], "size 500x500 is not a positive multiple of 8"),
     (["--sizes", "big"], "--sizes 'big'"),
     (["--steps", "0"], "need steps >= 1"),
     (["--backends", "torch,torch"], "name each once"),
     (["--scheduler", "nope"], "unknown scheduler 'nope'"),
-    (["--arch", "sdxl"], "unknown --arch 'sdxl'"),
+    (["--arch", "sd3"], "unknown --arch 'sd3'"),
     (["--compare", "missing.json", "missing.json"], "cannot read benchmark report missing.json"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

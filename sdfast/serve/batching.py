@@ -1,0 +1,93 @@
+"""Several same-shape requests through one ``Pipeline.generate`` call, each still painting its own seed's picture.
+
+A batch is only formed from requests whose ``GenerationRequest.batch_key()`` is equal (size, steps, scheduler,
+guidance). Each request's initial noise is drawn exactly as ``generate`` draws it for that request alone (a fresh
+CPU generator seeded with its seed), and the batch is handed that noise as ``latents``; with deterministic
+schedulers the batched images therefore equal the unbatched ones, up to the last bit of float arithmetic that a
+different batch size may change.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+
+from .requests import GenerationRequest
+
+
+@dataclass
+class Generated:
+    """One request's answer: its PNG files, its seed, and the timings of the call that made them."""
+
+    pngs: list[bytes]
+    seed: int
+    timings: dict  # milliseconds per network for the whole call (see ``timing_summary``)
+    batch_images: int  # images made by that call: this request's and its batch-mates'
+
+
+def default_size(pipe) -> tuple[int, int]:
+    """The model's own (width, height): what ``generate`` uses when no size is given."""
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+def engine_max_batch(pipe) -> int | None:
+    """The most images one call can hold on compiled engines (the largest batch in every U-Net and VAE-decoder
+    optimisation profile; the U-Net sees twice the images under guidance), or None when the backend takes any."""
+    limits = []
+    for network, tensor, per_image in ((pipe.unet, "sample", 2), (getattr(pipe.vae, "run_decode", None), "latent", 1)):
+        meta = getattr(getattr(network, "run", network), "meta", None)
+        if isinstance(meta, dict) and meta.get("profiles"):
+            limits.append(min(profile[tensor][2][0] for profile in meta["profiles"]) // per_image)
+    return max(1, min(limits)) if limits else None
+
+
+def initial_noise(pipe, request: GenerationRequest) -> torch.Tensor:
+    """(n, C, H/8, W/8): the noise ``generate(seed=request.seed, batch_size=request.n)`` starts from."""
+    f = pipe.vae_scale_factor
+    shape = (request.n, pipe.unet.config.in_channels, request.height // f, request.width // f)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=pipe.dtype)
+
+
+def generate_batch(pipe, requests: list[GenerationRequest]) -> list[Generated]:
+    """Run ``requests`` (one, or several with the same ``batch_key()`` and a concrete size) as one call."""
+    first = requests[0]
+    if len(requests) == 1:
+        result = pipe.generate(first.prompt, first.negative_prompt, width=first.width, height=first.height,
+                               steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
+                               seed=first.seed, batch_size=first.n, image=first.image, strength=first.strength)
+        return [Generated(_pngs(result.images), result.seed, timing_summary(result.timings), first.n)]
+    keys = {r.batch_key() for r in requests}
+    if len(keys) != 1 or None in keys:
+        raise ValueError(f"requests with batch keys {keys} cannot share one call: group them by batch_key()")
+    prompts = [r.prompt for r in requests for _ in range(r.n)]
+    negatives = [r.negative_prompt for r in requests for _ in range(r.n)]
+    latents = torch.cat([initial_noise(pipe, r) for r in requests])  # (sum n, C, h, w)
+    result = pipe.generate(prompts, negatives, width=first.width, height=first.height, steps=first.steps,
+                           guidance_scale=first.guidance, scheduler=first.scheduler, seed=first.seed,
+                           latents=latents)
+    timings, pngs, out, start = timing_summary(result.timings), _pngs(result.images), [], 0
+    for r in requests:
+        out.append(Generated(pngs[start:start + r.n], r.seed, timings, len(prompts)))
+        start += r.n
+    return out
+
+
+def timing_summary(timings) -> dict:
+    """Per-network milliseconds of one ``generate`` call, JSON-ready (the per-step lists stay on the server)."""
+    unet = timings.stats.get("unet_ms", {})
+    return {"text_encoder_ms": timings.text_encoder_ms, "unet_ms": sum(timings.unet_ms),
+            "unet_step_p50_ms": unet.get("p50", 0.0), "scheduler_ms": sum(timings.scheduler_ms),
+            "vae_encode_ms": timings.vae_encode_ms, "vae_decode_ms": timings.vae_decode_ms,
+            "total_ms": timings.total_ms, "steps": len(timings.step_ms), "device": timings.device}
+
+
+def _pngs(images) -> list[bytes]:
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out

@@ -1,0 +1,58 @@
+"""Same-shape requests through one generate call: each request gets the picture its seed gives alone (no Ray)."""
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdfast
+from sdfast.serve.batching import default_size, engine_max_batch, generate_batch
+from sdfast.serve.requests import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1):
+    return sdfast.load(sd1.path)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+def request(prompt, seed, n=1, **kw):
+    return GenerationRequest(prompt, "blurry", 4, 7.5, 64, 64, seed, kw.pop("scheduler", "dpmpp_2m"), n, "json", **kw)
+
+
+def test_a_batch_paints_what_each_seed_paints_alone(pipe):
+    requests = [request("a red circle", 3), request("a blue square", 11, n=2), request("a green line", 5)]
+    batched = generate_batch(pipe, requests)
+    assert [len(g.pngs) for g in batched] == [1, 2, 1] and [g.seed for g in batched] == [3, 11, 5]
+    assert all(g.batch_images == 4 for g in batched)
+    for req, got in zip(requests, batched):
+        alone = generate_batch(pipe, [req])[0]
+        assert alone.batch_images == req.n
+        for a, b in zip(alone.pngs, got.pngs):  # equal up to float rounding of a different batch size
+            assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    direct = pipe.generate("a blue square", "blurry", width=64, height=64, steps=4, scheduler="dpmpp_2m", seed=11,
+                           batch_size=2).images
+    assert np.abs(pixels(batched[1].pngs[1]) - np.asarray(direct[1], dtype=np.int16)).max() <= 1
+
+
+def test_requests_of_different_shapes_are_refused_as_a_batch(pipe):
+    with pytest.raises(ValueError, match="cannot share one call"):
+        generate_batch(pipe, [request("a", 1), dataclasses.replace(request("b", 2), steps=5)])
+    with pytest.raises(ValueError, match="cannot share one call"):  # stochastic: never batched
+        generate_batch(pipe, [request("a", 1, scheduler="euler_a"), request("b", 2, scheduler="euler_a")])
+
+
+def test_timings_name_every_network(pipe):
+    got = generate_batch(pipe, [request("a red circle", 3)])[0]
+    assert set(got.timings) >= {"text_encoder_ms", "unet_ms", "vae_decode_ms", "total_ms"}
+    assert got.timings["steps"] == 4 and got.timings["unet_ms"] > 0
+
+
+def test_sizes_and_batch_caps_of_the_torch_backend(pipe):
+    assert default_size(pipe) == (64, 64)
+    assert engine_max_batch(pipe) is None  # eager torch takes any batch
