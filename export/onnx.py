@@ -10,6 +10,12 @@ The four graphs and their signatures (what the ``onnxruntime`` and ``tensorrt`` 
 | ``vae_decoder.onnx`` | ``latent`` (B, 4, h, w), scaled | ``image`` (B, 3, 8h, 8w) |
 | ``vae_encoder.onnx`` | ``image`` (B, 3, H, W) | ``mean``, ``logvar`` (B, 4, H/8, W/8): the posterior, unscaled |
 
+SDXL adds ``text_encoder_2.onnx`` (OpenCLIP bigG: the same signature, ``pooled`` its projection) and two U-Net
+inputs, ``text_embeds`` (B, 1280) and ``time_ids`` (B, 6) fp32 (the refiner: 5); both text encoders' hidden states
+are then raw (SDXL reads them without the final LayerNorm; the manifest's ``text_final_norm`` says which), and the
+refiner has no ``text_encoder.onnx``. An fp16 SDXL export keeps its VAE graphs in fp32 where the VAE's config says
+``force_upcast`` (SDXL's VAE overflows in fp16), as the torch pipeline decodes it.
+
 Batch, sizes and the context length are dynamic axes. The exporter is torch's default, ``torch.onnx.export(...,
 dynamo=True)`` (torch.export + onnxscript): at opset >= 21 it writes GroupNorm as one ``GroupNormalization`` node
 (with per-channel scale and bias) and shape arithmetic as a handful of ops; older opsets get the decomposed form
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -51,7 +58,9 @@ except ImportError:
 
 MANIFEST = "manifest.json"
 FORMAT = "sdfast-onnx/1"  # bump when the graphs' signatures change: older folders are then refused
-NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# every network an export may hold: SD 1.x / 2.x have all but text_encoder_2, SDXL all five, its refiner all but
+# text_encoder (``pipeline_networks``)
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 DEFAULT_OPSET = 21  # the first opset with GroupNormalization-21 (per-channel scale and bias)
 MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up
 # Relative L2 error of each graph on ONNX Runtime (CPU) against the torch model in the same dtype. fp32 graphs
@@ -78,12 +87,12 @@ def require_onnx(what: str = "ONNX export") -> None:
 
 
 class TextEncoderGraph(nn.Module):
-    def __init__(self, text_encoder: nn.Module):
+    def __init__(self, text_encoder: nn.Module, final_norm: bool = True):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.final_norm = text_encoder, final_norm
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_encoder.all_layers(input_ids)  # (B, L, 77, C), (B, P)
+        return self.text_encoder.all_layers(input_ids, self.final_norm)  # (B, L, 77, C), (B, P)
 
 
 class UNetGraph(nn.Module):
@@ -91,8 +100,10 @@ class UNetGraph(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, context)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # SDXL's two extra inputs; an SD 1.x / 2.x graph is exported with the first three only
+        return self.unet(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
 
 
 class VAEDecoderGraph(nn.Module):
@@ -137,36 +148,71 @@ class GraphSpec:
                 out[name] = t[torch.arange(batch) % t.shape[0]]
             elif name == "timestep":
                 out[name] = torch.rand(shape, generator=g) * 999
+            elif name == "time_ids":  # SDXL's sizes and crop offsets (or aesthetic score), in pixels
+                out[name] = torch.randint(0, 1025, shape, generator=g).float()
             else:
                 out[name] = torch.randn(shape, generator=g).to(t.dtype)
         return out
 
 
+def pipeline_networks(pipe) -> tuple[str, ...]:
+    """The networks a loaded pipeline exports: SD's four, SDXL's five, the SDXL refiner's four (no first encoder)."""
+    return tuple(n for n in NETWORKS if not n.startswith("text_encoder") or getattr(pipe, n) is not None)
+
+
+def text_final_norm(pipe) -> bool:
+    """Whether the text-encoder graphs hold hidden states through the final LayerNorm (SD 1.x / 2.x's CLIP skip)
+    or raw (SDXL, which conditions on a raw penultimate state)."""
+    return not pipe.is_xl
+
+
+def upcast_vae(pipe) -> bool:
+    """Whether the VAE graphs are exported in fp32 from an fp16 pipeline: SDXL's VAE (config ``force_upcast``)
+    overflows in fp16, so the torch pipeline decodes it in fp32 and the graphs must too."""
+    return pipe.is_xl and pipe.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+
+
 def graph_specs(pipe, latent: int = 16) -> list[GraphSpec]:
-    """The four graphs of a loaded torch ``Pipeline``, with example inputs at batch 2 and a ``latent`` x ``latent``
-    latent. The default 16 keeps the U-Net's deepest level above 1x1 for SD's three halvings, so torch.export sees
-    no size-1 axis it would specialise on."""
+    """The graphs of a loaded torch ``Pipeline`` (``pipeline_networks``), with example inputs at batch 2 and a
+    ``latent`` x ``latent`` latent. The default 16 keeps the U-Net's deepest level above 1x1 for SD's three
+    halvings, so torch.export sees no size-1 axis it would specialise on."""
     dtype = pipe.dtype
     g = torch.Generator().manual_seed(0)
-    ids = pipe.tokenizer.encode(["a photograph of an astronaut riding a horse", "a red circle"])[:, 0]  # (2, 77)
-    unet, vae, te = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    unet, vae = pipe.unet.config, pipe.vae.config
     image = 8 * latent
-    return [
-        GraphSpec("text_encoder", TextEncoderGraph(pipe.text_encoder), {"input_ids": ids},
-                  {"input_ids": {0: "batch"}}, ("hidden_states", "pooled")),
-        GraphSpec("unet", UNetGraph(pipe.unet),
-                  {"sample": torch.randn(2, unet.in_channels, latent, latent, generator=g).to(dtype),
+    specs = []
+    for name, tokenizer, encoder in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
+                                     ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2)):
+        if encoder is None:
+            continue
+        ids = tokenizer.encode(["a photograph of an astronaut riding a horse", "a red circle"])[:, 0]  # (2, 77)
+        specs.append(GraphSpec(name, TextEncoderGraph(encoder, text_final_norm(pipe)), {"input_ids": ids},
+                               {"input_ids": {0: "batch"}}, ("hidden_states", "pooled")))
+    tokens = (pipe.text_encoder or pipe.text_encoder_2).config.max_positions
+    unet_inputs = {"sample": torch.randn(2, unet.in_channels, latent, latent, generator=g).to(dtype),
                    "timestep": torch.tensor([999.0, 500.0]),  # fp32 in every dtype: the embedding is fp32 maths
-                   "context": torch.randn(2, te.max_positions, unet.context_dim, generator=g).to(dtype)},
-                  {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-                   "context": {0: "batch", 1: "tokens"}}, ("noise",)),
-        GraphSpec("vae_decoder", VAEDecoderGraph(pipe.vae),
-                  {"latent": torch.randn(2, vae.latent_channels, latent, latent, generator=g).to(dtype)},
+                   "context": torch.randn(2, tokens, unet.context_dim, generator=g).to(dtype)}
+    unet_axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+                 "context": {0: "batch", 1: "tokens"}}
+    if pipe.is_xl:  # pooled text (B, P) in the model's dtype; micro-conditioning numbers (B, 6 or 5) in fp32
+        pooled = pipe.text_encoder_2.config.projection_dim
+        numbers = (unet.added_cond_dim - pooled) // unet.added_time_dim
+        unet_inputs["text_embeds"] = torch.randn(2, pooled, generator=g).to(dtype)
+        unet_inputs["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024][:numbers]] * 2)
+        unet_axes.update(text_embeds={0: "batch"}, time_ids={0: "batch"})
+    specs.append(GraphSpec("unet", UNetGraph(pipe.unet), unet_inputs, unet_axes, ("noise",)))
+    vae_net, vae_dtype = pipe.vae, dtype
+    if upcast_vae(pipe):  # an fp32 copy for the export only (~0.3 GB for SD's VAE); the pipeline keeps its own
+        vae_net, vae_dtype = copy.deepcopy(pipe.vae).float(), torch.float32
+    specs += [
+        GraphSpec("vae_decoder", VAEDecoderGraph(vae_net),
+                  {"latent": torch.randn(2, vae.latent_channels, latent, latent, generator=g).to(vae_dtype)},
                   {"latent": {0: "batch", 2: "height", 3: "width"}}, ("image",)),
-        GraphSpec("vae_encoder", VAEEncoderGraph(pipe.vae),
-                  {"image": (torch.rand(2, vae.in_channels, image, image, generator=g) * 2 - 1).to(dtype)},
+        GraphSpec("vae_encoder", VAEEncoderGraph(vae_net),
+                  {"image": (torch.rand(2, vae.in_channels, image, image, generator=g) * 2 - 1).to(vae_dtype)},
                   {"image": {0: "batch", 2: "image_height", 3: "image_width"}}, ("mean", "logvar")),
     ]
+    return specs
 
 
 # -- export, cleanup, check --
@@ -333,8 +379,10 @@ def weights_hash(pipe) -> str:
     """sha256 over the three networks' configs and parameters (names, dtypes, shapes, bytes): the model hash of
     the manifest and the key of the on-the-fly export cache. Independent of where or how the weights were stored."""
     h = hashlib.sha256()
-    for name in ("text_encoder", "unet", "vae"):
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
         net = getattr(pipe, name)
+        if net is None:  # SD 1.x / 2.x: no second encoder; the SDXL refiner: no first
+            continue
         h.update(json.dumps([name, dataclasses.asdict(net.config)], sort_keys=True).encode())
         for key, t in sorted(net.state_dict().items()):
             h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -361,25 +409,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: bool = True,
-                    external_data_bytes: int = EXTERNAL_DATA_BYTES, networks=NETWORKS, model_hash: str | None = None,
+                    external_data_bytes: int = EXTERNAL_DATA_BYTES, networks=None, model_hash: str | None = None,
                     log=None) -> dict:
-    """Export a loaded torch ``Pipeline`` (on the CPU, in fp32 or fp16) to ``folder``: one ONNX file per network,
-    the tokenizer, the scheduler config and ``manifest.json``. Each graph is slimmed, then checked on ONNX Runtime
-    against the torch model (``check_graphs``). Returns the manifest. ``log(line)`` hears about each network;
-    ``model_hash`` saves hashing the weights again when the caller has done it."""
+    """Export a loaded torch ``Pipeline`` (on the CPU, in fp32 or fp16) to ``folder``: one ONNX file per network
+    (``networks``, default all of the pipeline's), the tokenizer(s), the scheduler config and ``manifest.json``.
+    Each graph is slimmed, then checked on ONNX Runtime against the torch model (``check_graphs``). Returns the
+    manifest. ``log(line)`` hears about each network; ``model_hash`` saves hashing the weights again when the
+    caller has done it."""
     require_onnx()
-    if getattr(pipe.unet.config, "added_time_dim", None) is not None:
-        raise ExportError("ONNX export covers SD 1.x / 2.x; this is an SDXL pipeline (two text encoders, the U-Net's "
-                          "added text/size conditions), which runs on the torch backend for now")
     dtype = _dtype_name(pipe.dtype)
     if pipe.device.type != "cpu":
         raise ExportError(f"export runs on the CPU; load the model with device='cpu' (it is on {pipe.device})")
     if not MIN_OPSET <= opset:
         raise ExportError(f"opset {opset} is not supported: torch's exporter writes opset {MIN_OPSET} and up "
                           f"(GroupNormalization needs {DEFAULT_OPSET})")
-    unknown = set(networks) - set(NETWORKS)
+    present = pipeline_networks(pipe)
+    networks = present if networks is None else networks
+    unknown = set(networks) - set(present)
     if unknown:
-        raise ExportError(f"unknown network(s) {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+        raise ExportError(f"unknown network(s) {sorted(unknown)}; this pipeline has {', '.join(present)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # a half-written folder never looks complete
@@ -394,7 +442,10 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
             err = max(r.check["rel_err"].values()) if r.check else float("nan")
             log(f"{r.file}: {r.bytes / 2**20:.1f} MiB, {r.slim['nodes_before']} -> {r.slim['nodes_after']} nodes "
                 f"after onnxslim ({slim_summary(r.slim)}), rel. error {err:.1e} on ONNX Runtime, {r.export_s:.1f} s")
-    pipe.tokenizer.save(folder / "tokenizer")
+    tokenizers = {name: tok for name, tok in (("tokenizer", pipe.tokenizer), ("tokenizer_2", pipe.tokenizer_2))
+                  if tok is not None}
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save(folder / name)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=1))
     manifest = {
@@ -404,8 +455,10 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True) + onnxslim",
         "configs": {name: dataclasses.asdict(getattr(pipe, name).config)
-                    for name in ("text_encoder", "unet", "vae")},
-        "tokenizer": "tokenizer",  # folders beside the graphs, so the export loads with no checkpoint
+                    for name in ("text_encoder", "text_encoder_2", "unet", "vae") if getattr(pipe, name) is not None},
+        **{name: name for name in tokenizers},  # folders beside the graphs, so the export loads with no checkpoint
+        "text_final_norm": text_final_norm(pipe),  # False: the hidden states are raw (SDXL)
+        "options": pipe.options,  # SDXL's force_zeros_for_empty_prompt / requires_aesthetics_score
         "scheduler_config": "scheduler/scheduler_config.json",
         "networks": {name: dataclasses.asdict(r) for name, r in reports.items()},
         "tools": tool_versions(),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .onnx import NETWORKS, file_hash, read_manifest, sha256_files
+from .onnx import file_hash, read_manifest, sha256_files
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")  # preference order
 HAS_TENSORRT = any(importlib.util.find_spec(name) is not None for name in FLAVOURS)
@@ -116,12 +116,15 @@ class Shapes:
 def profiles(network: str, manifest: dict, shapes: Shapes) -> list[dict[str, list[list[int]]]]:
     """The optimisation profiles of one network: [{input: [min, opt, max]}], one per size range (one in all for
     the text encoder, which does not see the image). The U-Net's batch doubles under classifier-free guidance;
-    the optimum is the smallest size at the smallest batch, guided."""
-    unet, vae, te = (manifest["configs"][k] for k in ("unet", "vae", "text_encoder"))
+    the optimum is the smallest size at the smallest batch, guided. SDXL's U-Net also takes ``text_embeds`` and
+    ``time_ids``, one row per sample."""
+    configs = manifest["configs"]
+    unet, vae = configs["unet"], configs["vae"]
+    te = configs.get("text_encoder") or configs["text_encoder_2"]  # the SDXL refiner has only the second
     f = 2 ** (len(vae["block_channels"]) - 1)  # pixels per latent cell
     b0, b1 = shapes.batch
     tokens = te["max_positions"]
-    if network == "text_encoder":  # prompts and negatives, each in up to prompt_chunks chunks
+    if network in ("text_encoder", "text_encoder_2"):  # prompts and negatives, each in up to prompt_chunks chunks
         return [{"input_ids": [[1, tokens], [2 * b0, tokens], [2 * b1 * shapes.prompt_chunks, tokens]]}]
     out = []
     for (w0, h0), (w1, h1) in shapes.sizes:
@@ -132,6 +135,11 @@ def profiles(network: str, manifest: dict, shapes: Shapes) -> list[dict[str, lis
                 "timestep": [[b0], [2 * b0], [2 * b1]],
                 "context": [[b0, tokens, ctx], [2 * b0, tokens, ctx], [2 * b1, tokens * shapes.prompt_chunks, ctx]],
             })
+            if unet.get("added_time_dim") is not None:  # SDXL: pooled text (B, P), micro-conditioning (B, n)
+                pooled = configs["text_encoder_2"]["projection_dim"]
+                numbers = (unet["added_cond_dim"] - pooled) // unet["added_time_dim"]
+                out[-1].update({name: [[b0, width], [2 * b0, width], [2 * b1, width]]
+                                for name, width in (("text_embeds", pooled), ("time_ids", numbers))})
         elif network == "vae_decoder":
             c = vae["latent_channels"]
             out.append({"latent": [[b0, c, h0 // f, w0 // f], [b0, c, h0 // f, w0 // f], [b1, c, h1 // f, w1 // f]]})
@@ -229,11 +237,13 @@ def find_engine(folder, network: str) -> Engine:
     raise EngineError(f"no {network} engine in {folder / ENGINES}: build them first with `sdfast build {folder}`")
 
 
-def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=NETWORKS, log=print) -> dict[str, Engine]:
-    """Build (or load from the cache) one engine per network of the export folder ``folder`` for ``shapes``.
-    A cached engine whose file does not match its sidecar is reported and rebuilt."""
+def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=None, log=print) -> dict[str, Engine]:
+    """Build (or load from the cache) one engine per network of the export folder ``folder`` (``networks``,
+    default all it holds) for ``shapes``. A cached engine whose file does not match its sidecar is reported and
+    rebuilt."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    networks = tuple(manifest["networks"]) if networks is None else networks
     trt = tensorrt()
     precision = _precision(manifest["dtype"], fp16)
     (folder / ENGINES).mkdir(exist_ok=True)

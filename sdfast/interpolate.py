@@ -3,9 +3,10 @@
 The initial noises are blended by spherical interpolation, which keeps a blend of two unit-variance Gaussian draws
 at the norm such draws have (a straight line between them passes through lower-variance noise, which the model
 turns into flat, washed-out images; Shoemake 1985, used for latent walks since White 2016, "Sampling Generative
-Networks"). The text embeddings are blended linearly. Every frame runs ``Pipeline.generate`` with the blended
-``latents`` and ``prompt_embeds``, so the two end frames are exactly ``pipe.generate(prompt_a, seed=seed)`` and
-``pipe.generate(prompt_b, seed=seed_b)``.
+Networks"). The text embeddings are blended linearly, and so are SDXL's pooled text embeddings (its U-Net's
+``text_embeds``), which carry the prompt too. Every frame runs ``Pipeline.generate`` with the blended ``latents`` and
+``prompt_embeds`` (+ ``pooled_prompt_embeds``), so the two end frames are exactly
+``pipe.generate(prompt_a, seed=seed)`` and ``pipe.generate(prompt_b, seed=seed_b)``.
 """
 
 from __future__ import annotations
@@ -44,15 +45,19 @@ def interpolate(pipe: Pipeline, prompt_a: str, prompt_b: str, frames: int = 8, *
         raise ValueError(f"scheduler {scheduler!r} adds fresh noise at every step; interpolate with a "
                          "deterministic one (euler, ddim, dpmpp_2m, ...)")
     seed_b = seed if seed_b is None else seed_b
-    embeds_a, embeds_b = (pipe.encode_prompt(p, negative_prompt, guidance_scale=guidance_scale)
-                          for p in (prompt_a, prompt_b))
+    # per prompt: the context (P, 77, C) and, for SDXL, the pooled text (P, 1280), else None
+    (embeds_a, pooled_a), (embeds_b, pooled_b) = (
+        pipe.encode_prompt(p, negative_prompt, guidance_scale=guidance_scale, pooled=True)
+        for p in (prompt_a, prompt_b))
     noise_a, noise_b = (pipe.initial_noise(s, width, height) for s in (seed, seed_b))
     images = []
     for i in range(frames):
         t = i / (frames - 1)
         embeds = (1 - t) * embeds_a + t * embeds_b  # exactly embeds_a at t = 0 and embeds_b at t = 1
-        result = pipe.generate(None, prompt_embeds=embeds, latents=slerp(noise_a, noise_b, t), steps=steps,
-                               guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height, seed=seed)
+        pooled = None if pooled_a is None else (1 - t) * pooled_a + t * pooled_b
+        result = pipe.generate(None, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                               latents=slerp(noise_a, noise_b, t), steps=steps, guidance_scale=guidance_scale,
+                               scheduler=scheduler, width=width, height=height, seed=seed)
         images.extend(result.images)
     return images
 

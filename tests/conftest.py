@@ -197,3 +197,15 @@ def sdxl(tmp_path_factory) -> Reference:
 @pytest.fixture(scope="session")
 def sdxl_refiner(tmp_path_factory) -> Reference:
     return build_sdxl_reference(tmp_path_factory.mktemp("sdxl-refiner"), seed=4, refiner=True)
+
+
+@pytest.fixture(scope="session")
+def sdxl_onnx(sdxl, tmp_path_factory) -> Exported:
+    """sdxl in fp32 (five graphs: two text encoders, the U-Net with text_embeds / time_ids), exported into a cache."""
+    import sdfast
+    from sdfast.export.onnx import cached_export
+
+    _needs_onnx()
+    cache = tmp_path_factory.mktemp("sdfast-cache-xl")
+    pipe = sdfast.load(sdxl.path)
+    return Exported(cached_export(pipe, cache), pipe, cache)

@@ -95,3 +95,16 @@ def test_interpolate_defaults_do_not_leak_into_generate():
     gen = _parser().parse_args(["generate", "a"])
     assert (inter.output, inter.seed) == ("strip.png", 0)  # a fixed seed: the same command redraws the same strip
     assert (gen.output, gen.seed) == ("out.png", None)
+
+
+def test_sdxl_blends_the_pooled_embeddings_too(sdxl):
+    """SDXL's U-Net also reads the pooled text (text_embeds): the end frames equal plain generation, and a middle
+    frame is the one whose context and pooled text are both halfway."""
+    pipe = sdfast.load(sdxl.path)
+    frames = interpolate(pipe, "a red circle", "a blue square", 3, seed=5, steps=STEPS)
+    for frame, prompt in ((frames[0], "a red circle"), (frames[-1], "a blue square")):
+        assert np.array_equal(np.asarray(frame), np.asarray(pipe.generate(prompt, steps=STEPS, seed=5).images[0]))
+    (ctx_a, pool_a), (ctx_b, pool_b) = (pipe.encode_prompt(p, pooled=True) for p in ("a red circle", "a blue square"))
+    middle = pipe.generate(None, prompt_embeds=(ctx_a + ctx_b) / 2, pooled_prompt_embeds=(pool_a + pool_b) / 2,
+                           steps=STEPS, seed=5)
+    assert np.abs(np.asarray(frames[1], np.int16) - np.asarray(middle.images[0], np.int16)).max() <= 1

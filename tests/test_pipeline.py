@@ -182,7 +182,7 @@ def test_timings_cover_every_stage(pipes):
     (dict(strength=1.5, image=Image.new("RGB", (64, 64))), r"strength=1.5 is outside \[0, 1\]"),
     (dict(strength=0.1, steps=4, image=Image.new("RGB", (64, 64))), r"leaves no denoising step"),
     (dict(clip_skip=9), r"clip_skip=9 is out of range: use 1..4"),
-    (dict(latents=torch.zeros(1, 4, 4, 4)), r"latents have shape \(1, 4, 4, 4\) but this request needs"),
+    (dict(latents=torch.zeros(1, 4, 4, 4), width=64), r"latents have shape \(1, 4, 4, 4\) but this request needs"),
     (dict(image="/nonexistent.png"), r"cannot read image '/nonexistent.png'"),
     (dict(negative_prompt=["a", "b"]), r"2 negative prompts for 1 prompts"),
     (dict(width=64.0), r"width=64.0: need an integer"),

@@ -95,14 +95,22 @@ def load_export(folder, name: str = "onnxruntime", *, device="cpu", dtype=None, 
     else:
         from . import tensorrt as backend
     run = backend.runners(folder, manifest, device, **options)
-    missing = [n for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if n not in run]
-    if missing:
-        raise ValueError(f"{folder} lacks the {', '.join(missing)} graph(s): export all four networks")
     configs = manifest["configs"]
-    vae_config = graphs.config(VAEConfig, configs["vae"])
+    # the text encoders the model has (SD: one; SDXL: two; the SDXL refiner: the second), each with its tokenizer
+    encoders = [name for name in ("text_encoder", "text_encoder_2") if name in configs]
+    missing = [n for n in (*encoders, "unet", "vae_decoder", "vae_encoder") if n not in run]
+    if missing:
+        raise ValueError(f"{folder} lacks the {', '.join(missing)} graph(s): export all of the model's networks")
+    final_norm = manifest.get("text_final_norm", True)  # SDXL's graphs hold raw hidden states
+    text = {name: graphs.TextEncoder(run[name], graphs.config(CLIPTextConfig, configs[name]), final_norm)
+            for name in encoders}
+    tokenizers = {name: Tokenizer.from_folder(folder / manifest[tok])
+                  for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+                  if name in encoders}
     return Pipeline(
-        tokenizer=Tokenizer.from_folder(folder / "tokenizer"),
-        text_encoder=graphs.TextEncoder(run["text_encoder"], graphs.config(CLIPTextConfig, configs["text_encoder"])),
+        tokenizer=tokenizers.get("text_encoder"), text_encoder=text.get("text_encoder"),
         unet=graphs.UNet(run["unet"], graphs.config(UNetConfig, configs["unet"])),
-        vae=graphs.VAE(run["vae_encoder"], run["vae_decoder"], vae_config),
-        scheduler_config=read_json(folder / manifest["scheduler_config"]), device=device, dtype=exported)
+        vae=graphs.VAE(run["vae_encoder"], run["vae_decoder"], graphs.config(VAEConfig, configs["vae"])),
+        scheduler_config=read_json(folder / manifest["scheduler_config"]), device=device, dtype=exported,
+        text_encoder_2=text.get("text_encoder_2"), tokenizer_2=tokenizers.get("text_encoder_2"),
+        options=manifest.get("options", {}))

@@ -2,7 +2,8 @@
 
 A backend supplies one ``run(inputs, outputs) -> {name: tensor}`` callable per graph (``inputs``: {name: tensor};
 ``outputs``: {name: shape}, so a runner can allocate them on the device up front); the classes here turn those
-into what ``Pipeline.generate`` calls: ``text_encoder(ids, clip_skip)``, ``unet(x, t, context)``,
+into what ``Pipeline.generate`` calls: ``text_encoder(ids, clip_skip)``, ``unet(x, t, context)`` (SDXL:
+``text_embeds`` and ``time_ids`` too),
 ``vae.encode(image, generator)`` and ``vae.decode(latents)``. Graph signatures: ``sdfast.export.onnx``.
 """
 
@@ -19,16 +20,23 @@ Run = Callable[[dict[str, torch.Tensor], dict[str, tuple[int, ...]]], dict[str, 
 
 
 class TextEncoder:
-    """``text_encoder(ids (B, 77), clip_skip=1) -> (hidden (B, 77, C), pooled (B, P))``, as ``CLIPTextModel``."""
+    """``text_encoder(ids (B, 77), clip_skip=1) -> (hidden (B, 77, C), pooled (B, P))``, as ``CLIPTextModel``.
+    ``final_norm``: whether the graph's hidden states went through the final LayerNorm (SD 1.x / 2.x) or are raw
+    (SDXL, called with ``final_norm=False``); a call asking for the other kind is refused."""
 
-    def __init__(self, run: Run, config: CLIPTextConfig):
-        self.run, self.config = run, config
+    def __init__(self, run: Run, config: CLIPTextConfig, final_norm: bool = True):
+        self.run, self.config, self.final_norm = run, config, final_norm
 
-    def __call__(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, clip_skip: int = 1, final_norm: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         layers = self.config.num_layers
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"clip_skip={clip_skip} is out of range: this text encoder has {layers} layers, "
                              f"so use 1..{layers}")
+        if final_norm != self.final_norm:
+            kind = "normalised (SD 1.x / 2.x)" if self.final_norm else "raw (SDXL)"
+            raise ValueError(f"this text-encoder graph holds {kind} hidden states, so it cannot give "
+                             f"final_norm={final_norm}: call it as the model's pipeline does")
         b, n = input_ids.shape
         pooled = self.config.projection_dim or self.config.hidden_size
         out = self.run({"input_ids": input_ids},
@@ -37,16 +45,23 @@ class TextEncoder:
 
 
 class UNet:
-    """``unet(x (B, 4, h, w), t () or (B,), context (B, 77*K, C)) -> noise (B, 4, h, w)``, as ``UNet``."""
+    """``unet(x (B, 4, h, w), t () or (B,), context (B, 77*K, C)) -> noise (B, 4, h, w)``, as ``UNet``; SDXL also
+    takes ``text_embeds`` (B, P) and ``time_ids`` (B, n)."""
 
     def __init__(self, run: Run, config: UNetConfig):
         self.run, self.config = run, config
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]).float()  # (B,) fp32, as the graph
         b, _, h, w = x.shape
-        return self.run({"sample": x, "timestep": t, "context": context},
-                        {"noise": (b, self.config.out_channels, h, w)})["noise"]
+        inputs = {"sample": x, "timestep": t, "context": context}
+        if self.config.added_time_dim is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this is an SDXL U-Net: pass text_embeds (B, pooled width) and time_ids (B, n), "
+                                 "as Pipeline.generate does")
+            inputs.update(text_embeds=text_embeds, time_ids=time_ids.float())  # (B, P), (B, n) fp32, as the graph
+        return self.run(inputs, {"noise": (b, self.config.out_channels, h, w)})["noise"]
 
 
 class VAE:

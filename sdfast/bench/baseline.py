@@ -3,10 +3,11 @@ for an SDXL folder) on the same weights, timed like sdfast.
 
 It runs as diffusers ships it (SDPA attention, its default processor), in the run's dtype, with the diffusers
 scheduler of the same method, the same prompt, seed and steps. Its stages are timed with sdfast's ``Recorder``
-(CUDA events on the GPU) through public hooks only: forward hooks around the text encoder, the U-Net and the VAE
-decoder (SDXL: around both text encoders, summed), and ``callback_on_step_end`` at the end of each step. So ``unet`` is the U-Net forward alone (sdfast's
-also holds the guidance arithmetic), ``scheduler`` is everything from the U-Net's end to the step's end (guidance
-and the scheduler update), and ``step`` runs from one step's end to the next: the same work as sdfast's step.
+(CUDA events on the GPU) through public hooks only: forward hooks around the text encoder (SDXL: both, summed),
+the U-Net and the VAE decoder, and ``callback_on_step_end`` at the end of each step. So ``unet`` is the U-Net
+forward alone (sdfast's also holds the guidance arithmetic), ``scheduler`` is everything from the U-Net's end to the
+step's end (guidance and the scheduler update), and ``step`` runs from one step's end to the next: the same work as
+sdfast's step.
 """
 
 from __future__ import annotations

@@ -142,15 +142,17 @@ class CLIPTextModel(nn.Module):
             hidden = last if clip_skip == 1 else self.final_layer_norm(hidden)
         return hidden, self.pool(input_ids, last)
 
-    def all_layers(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's hidden state through the final LayerNorm, stacked (B, L, N, C), and the pooled output: what
-        any ``clip_skip`` picks from (``[:, L - clip_skip]``), in one call. The exported text-encoder graph is this."""
+    def all_layers(self, input_ids: torch.Tensor, final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's hidden state through the final LayerNorm (raw with ``final_norm`` False, as SDXL reads
+        them), stacked (B, L, N, C), and the pooled output: what any ``clip_skip`` picks from
+        (``[:, L - clip_skip]``), in one call. The exported text-encoder graphs are this."""
         x = self.embeddings(input_ids)  # (B, N, C)
         states = []
         for layer in self.encoder.layers:
             x = layer(x)
-            states.append(self.final_layer_norm(x))
-        return torch.stack(states, dim=1), self.pool(input_ids, states[-1])  # (B, L, N, C), (B, P)
+            states.append(self.final_layer_norm(x) if final_norm else x)
+        last = states[-1] if final_norm else self.final_layer_norm(x)  # the pooled token is always normalised
+        return torch.stack(states, dim=1), self.pool(input_ids, last)  # (B, L, N, C), (B, P)
 
     def pool(self, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The end-of-text token's row of the last (normalised) hidden state (B, C), projected when there is a

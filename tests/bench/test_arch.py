@@ -142,14 +142,19 @@ def test_unet_flops_match_the_known_sd15_count():
 
 
 def test_unet_flops_count_sdxl_added_embedding_and_attention():
-    """SDXL at 1024x1024, guided: the added embedding is one (2816 -> 1280) Linear per sample more than the same
-    U-Net without it, and attention's QK^T and PV over its 70 transformer blocks (10 at 64x64 with 640 channels, 60
-    at 32x32 with 1280) are 1.568 of the 13.522 TFLOP."""
+    """SDXL at 1024x1024, guided: the count equals a run with SDXL's real added inputs (pooled 1280 + 6 numbers);
+    the added embedding (Linear 2816 -> 1280, SiLU, Linear 1280 -> 1280) is all the same U-Net without it lacks;
+    attention's QK^T and PV (the batched matmuls) over its 70 transformer blocks, 10 at 64x64 with 640 channels and
+    60 at 32x32 with 1280, are 1.568 of the 13.522 TFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     unet = preset("sdxl").unet
-    plain = dataclasses.replace(unet, added_time_dim=None, added_cond_dim=0)
-    assert unet_flops(unet, 2, 128, 128) - unet_flops(plain, 2, 128, 128) == 2 * 2 * 2816 * 1280
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        UNet(unet)(torch.empty(2, 4, 128, 128), torch.empty(()), torch.empty(2, 77, 2048),
+                   text_embeds=torch.empty(2, 1280), time_ids=torch.empty(2, 6))
+    assert unet_flops(unet, 2, 128, 128) == counter.get_total_flops() == 13_522_472_796_160
     attention = sum(blocks * 4 * 2 * (n * n + n * 77) * channels
                     for n, channels, blocks in ((64 * 64, 640, 10), (32 * 32, 1280, 60)))
-    assert attention == 1_567_830_835_200
-    assert unet_flops(unet, 2, 128, 128) == 13_522_472_796_160
-    assert unet_flops(unet, 4, 128, 128) == 2 * unet_flops(unet, 2, 128, 128)
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.bmm] == attention
+    plain = dataclasses.replace(unet, added_time_dim=None, added_cond_dim=0)
+    assert unet_flops(unet, 2, 128, 128) - unet_flops(plain, 2, 128, 128) == 2 * 2 * (2816 + 1280) * 1280
