@@ -242,7 +242,7 @@ def _serve_parser(sub) -> None:
     srv.add_argument("model", nargs="?", default=os.environ.get("SDFAST_MODEL"),
                      help="diffusers folder or .safetensors/.ckpt on this machine (default: $SDFAST_MODEL, else "
                           "the shipped shapes model); requests can never name another")
-    srv.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
+    srv.add_argument("--backend", default="torch", help="torch, triton, compile, onnxruntime or tensorrt")
     srv.add_argument("--replicas", type=int, default=1, help="pipeline replicas, one GPU each where there are GPUs")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs $SDFAST_API_KEY)")
     srv.add_argument("--port", type=int, default=8000)

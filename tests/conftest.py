@@ -117,16 +117,19 @@ def _needs_onnx() -> None:
                     'pip install -e ".[onnx]"')
 
 
-@pytest.fixture(scope="session")
-def sd1_onnx(sd1, tmp_path_factory) -> Exported:
-    """sd1 in fp32, exported on the fly by ``sdfast.load(..., backend="onnxruntime")`` into a fresh cache."""
+def _exported_on_the_fly(ref: Reference, cache: Path) -> Exported:
+    """``ref``'s model in fp32, exported as ``sdfast.load(..., backend="onnxruntime")`` does, into a fresh cache."""
     import sdfast
     from sdfast.export.onnx import cached_export
 
     _needs_onnx()
-    cache = tmp_path_factory.mktemp("sdfast-cache")
-    pipe = sdfast.load(sd1.path)
+    pipe = sdfast.load(ref.path)
     return Exported(cached_export(pipe, cache), pipe, cache)
+
+
+@pytest.fixture(scope="session")
+def sd1_onnx(sd1, tmp_path_factory) -> Exported:
+    return _exported_on_the_fly(sd1, tmp_path_factory.mktemp("sdfast-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -201,11 +204,5 @@ def sdxl_refiner(tmp_path_factory) -> Reference:
 
 @pytest.fixture(scope="session")
 def sdxl_onnx(sdxl, tmp_path_factory) -> Exported:
-    """sdxl in fp32 (five graphs: two text encoders, the U-Net with text_embeds / time_ids), exported into a cache."""
-    import sdfast
-    from sdfast.export.onnx import cached_export
-
-    _needs_onnx()
-    cache = tmp_path_factory.mktemp("sdfast-cache-xl")
-    pipe = sdfast.load(sdxl.path)
-    return Exported(cached_export(pipe, cache), pipe, cache)
+    """Five graphs: two text encoders, the U-Net with text_embeds / time_ids, the VAE's two halves."""
+    return _exported_on_the_fly(sdxl, tmp_path_factory.mktemp("sdfast-cache-xl"))
