@@ -63,7 +63,13 @@ class Session:
     tensors, one graph id per shape, outputs copied out) runs on any provider; only the CUDA provider captures."""
 
     def __init__(self, path: Path, device: torch.device, providers: list | None = None, cuda_graph: bool = False):
-        self.session = ort_session(path, providers or providers_for(device, cuda_graph))
+        try:
+            self.session = ort_session(path, providers or providers_for(device, cuda_graph))
+        except Exception as e:  # ORT refuses graph capture when a node (e.g. shape arithmetic) sits on the CPU
+            if not cuda_graph or isinstance(e, ExportError):
+                raise
+            raise ExportError(f"ONNX Runtime cannot capture {path.name} in a CUDA graph ({type(e).__name__}: {e}); "
+                              "load without cuda_graph=True") from e
         self.device = device
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else 0

@@ -89,6 +89,17 @@ def test_bad_backend_requests(sd1, sd1_onnx):
             providers_for(torch.device("cuda"))
 
 
+def test_a_graph_ort_cannot_capture_is_named(sd1_onnx, monkeypatch):
+    import sdfast.backends.onnxruntime as ort_backend
+
+    def refuse(path, providers):
+        raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
+
+    monkeypatch.setattr(ort_backend, "ort_session", refuse)
+    with pytest.raises(ValueError, match=r"cannot capture unet.onnx in a CUDA graph .*load without cuda_graph=True"):
+        Session(sd1_onnx.folder / "unet.onnx", torch.device("cpu"), ["CPUExecutionProvider"], cuda_graph=True)
+
+
 def test_cuda_graph_bookkeeping(sd1_onnx):
     """What cuda_graph=True adds around a run, on the CPU provider (which ignores gpu_graph_id; only the CUDA
     provider captures): one set of static tensors and one graph id per input shape, results equal to the plain
