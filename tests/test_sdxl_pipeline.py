@@ -304,3 +304,24 @@ def test_real_sdxl_sizes():
         assert {r.target for r in rules} == set(state)
         for r in rules:
             assert tuple(layouts.transform(r.transform)(file[r.source]).shape) == tuple(state[r.target].shape), r
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_img2img_matches_diffusers(pipes, strength):
+    """SDXL base img2img from a picture against StableDiffusionXLImg2ImgPipeline on the same components: the VAE's
+    posterior sample, the added noise and the micro-conditioning (the picture's size) in diffusers' order."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    ref, pipe = pipes["base"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_i2i = StableDiffusionXLImg2ImgPipeline(**ref.pipe.components, requires_aesthetics_score=False)
+    ref_i2i.scheduler = reference_scheduler(ref, "euler")
+    ref_i2i.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    expected = ref_i2i(PROMPT, image=image, strength=strength, num_inference_steps=5, guidance_scale=7.5,
+                       generator=torch.Generator().manual_seed(4), output_type="latent").images
+    result = pipe.generate(PROMPT, image=image, strength=strength, steps=5, scheduler="euler", seed=4)
+    assert result.latents.shape == (1, 4, 6, 8)
+    assert rel_err(result.latents, expected) < LATENT_TOL
