@@ -158,11 +158,34 @@ def check_shapes(meta: dict, shapes: dict[str, tuple[int, ...]]) -> int:
         if all(len(shapes[name]) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shapes[name], hi))
                for name, (lo, _, hi) in profile.items()):
             return index
-    asked = ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
-    allowed = " | ".join(
-        ", ".join(f"{name} {_range(lo, hi)}" for name, (lo, _, hi) in profile.items()) for profile in meta["profiles"])
-    raise EngineError(f"{meta['network']}: {asked} is outside the engine's profiles; allowed: {allowed}. "
-                      "Build one that covers it: sdfast build DIR --sizes WxH --batch N")
+    raise EngineError(f"{meta['network']}: {_asked(shapes)} is outside the engine's profiles; allowed: "
+                      f"{_allowed(meta)}. Build one that covers it: sdfast build DIR --sizes WxH --batch N")
+
+
+def covering(engines: list["Engine"], shapes: dict[str, tuple[int, ...]]) -> tuple["Engine", int]:
+    """The first of ``engines`` (``find_engines``' order: newest first) with a profile that admits these input
+    shapes, and that profile's index: which engine serves a request. Otherwise an EngineError naming every engine's
+    allowed ranges."""
+    for engine in engines:
+        try:
+            return engine, check_shapes(engine.meta, shapes)
+        except EngineError:
+            continue
+    if len(engines) == 1:
+        check_shapes(engines[0].meta, shapes)  # raises, with the one engine's ranges
+    allowed = "; ".join(f"{e.path.name}: {_allowed(e.meta)}" for e in engines)
+    raise EngineError(f"{engines[0].meta['network']}: {_asked(shapes)} is outside the profiles of all "
+                      f"{len(engines)} engines; allowed: {allowed}. Build one that covers it: "
+                      "sdfast build DIR --sizes WxH --batch N")
+
+
+def _asked(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
+
+
+def _allowed(meta: dict) -> str:
+    return " | ".join(", ".join(f"{name} {_range(lo, hi)}" for name, (lo, _, hi) in profile.items())
+                      for profile in meta["profiles"])
 
 
 def _range(lo, hi) -> str:
@@ -208,9 +231,10 @@ def _key_fields(folder: Path, network: str, manifest: dict, network_profiles: li
             "precision": precision, **flavour(), "gpu": gpu()}
 
 
-def find_engine(folder, network: str) -> Engine:
-    """The newest engine of ``network`` under ``folder/engines`` that fits this ONNX file, TensorRT and GPU, for
-    the backends to load. An EngineError says why none fits: none built, or each one stale (naming what differs)."""
+def find_engines(folder, network: str) -> list[Engine]:
+    """Every engine of ``network`` under ``folder/engines`` that fits this ONNX file, TensorRT and GPU, newest
+    first, for the backends to load (``covering`` picks one per request). An EngineError says why none fits: none
+    built, or each one stale (naming what differs)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     current = {"onnx_sha256": file_hash(folder / manifest["networks"][network]["file"]), **flavour(), "gpu": gpu()}
@@ -229,8 +253,7 @@ def find_engine(folder, network: str) -> Engine:
         else:
             candidates.append((built_at, sidecar.with_suffix(".engine")))
     if candidates:
-        path = max(candidates)[1]
-        return Engine(path, verified(path), cached=True)
+        return [Engine(path, verified(path), cached=True) for _, path in sorted(candidates, reverse=True)]
     if stale:
         raise EngineError(f"no usable {network} engine in {folder / ENGINES}: every one is stale — "
                           + " | ".join(stale) + f". Rebuild: sdfast build {folder}")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sdfast.export.tensorrt import EngineError, Shapes, build_engines, check_shapes, find_engine, flavour, tensorrt
+from sdfast.export.tensorrt import (Engine, EngineError, Shapes, build_engines, check_shapes, covering, find_engines,
+                                    flavour, tensorrt)
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
           "int32": torch.int32, "bool": torch.bool}
@@ -78,6 +79,24 @@ class EngineRunner:
         return results
 
 
+class EngineSet:
+    """Every usable engine of one network (newest first): a call runs on the first whose profiles admit its shapes
+    (``covering``), so builds for different sizes can sit side by side. Engines are deserialised on first use.
+    ``meta`` holds all their profiles, for callers that size batches from them."""
+
+    def __init__(self, engines: list[Engine], device: torch.device):
+        self.engines, self.device = engines, device
+        self.runners: dict[Path, EngineRunner] = {}
+        self.meta = {"network": engines[0].meta["network"],
+                     "profiles": [p for e in engines for p in e.meta["profiles"]]}
+
+    def __call__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        engine, _ = covering(self.engines, {name: tuple(t.shape) for name, t in inputs.items()})
+        if engine.path not in self.runners:
+            self.runners[engine.path] = EngineRunner(engine.path, engine.meta, self.device)
+        return self.runners[engine.path](inputs, outputs)
+
+
 def _validity(runtime, data: bytes) -> str:
     """TensorRT's own reason an engine does not load (version, GPU, driver), where it can tell."""
     if not hasattr(runtime, "get_engine_validity"):
@@ -102,7 +121,5 @@ def runners(folder: Path, manifest: dict, device: torch.device, *, build: bool =
     if build:
         side = manifest["configs"]["unet"]["sample_size"] * 2 ** (len(manifest["configs"]["vae"]["block_channels"]) - 1)
         shapes = Shapes.parse(sizes or [f"{side}x{side}"], batch or [1], prompt_chunks)
-        engines = build_engines(folder, shapes, fp16=fp16, networks=tuple(manifest["networks"]), log=lambda _: None)
-    else:
-        engines = {name: find_engine(folder, name) for name in manifest["networks"]}
-    return {name: EngineRunner(e.path, e.meta, device) for name, e in engines.items()}
+        build_engines(folder, shapes, fp16=fp16, networks=tuple(manifest["networks"]), log=lambda _: None)
+    return {name: EngineSet(find_engines(folder, name), device) for name in manifest["networks"]}

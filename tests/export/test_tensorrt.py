@@ -65,9 +65,24 @@ def test_second_build_loads_from_the_cache(sd1_onnx, engines):
     again = trt.build_engines(sd1_onnx.folder, SHAPES, log=print)
     assert all(e.cached for e in again.values())
     assert {name: e.path.stat().st_mtime_ns for name, e in again.items()} == mtimes
-    assert trt.find_engine(sd1_onnx.folder, "unet").path == engines["unet"].path
+    assert trt.find_engines(sd1_onnx.folder, "unet")[0].path == engines["unet"].path
     other = trt.build_engines(sd1_onnx.folder, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
     assert not other["text_encoder"].cached  # other profiles: another key, another engine
+
+
+def test_each_request_runs_on_an_engine_that_covers_it(sd1_onnx, engines):
+    """Two text-encoder builds side by side (batch 1 only, then batch 1..4): a request goes to the newest engine
+    whose profiles admit it, and one that no engine admits names every engine's ranges."""
+    small = trt.build_engines(sd1_onnx.folder, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
+    found = trt.find_engines(sd1_onnx.folder, "text_encoder")
+    assert [e.path for e in found] == [small["text_encoder"].path, engines["text_encoder"].path]  # newest first
+    (name, (lo, _, hi)), = found[1].meta["profiles"][0].items()
+    assert trt.covering(found, {name: tuple(lo)})[0].path == found[0].path  # both admit it: the newest runs
+    assert trt.covering(found, {name: tuple(hi)})[0].path == found[1].path  # only the larger build admits it
+    too_big = (hi[0] + 1, *hi[1:])
+    with pytest.raises(trt.EngineError, match=rf"text_encoder: {name} \({too_big[0]}, .* is outside the profiles of "
+                                              r"all 2 engines; allowed: text_encoder-.*\.engine: .*; text_encoder-"):
+        trt.covering(found, {name: too_big})
 
 
 def test_a_changed_onnx_file_makes_the_engine_stale(folder_copy):
@@ -76,9 +91,9 @@ def test_a_changed_onnx_file_makes_the_engine_stale(folder_copy):
     path.write_bytes(path.read_bytes() + b"\n")  # any change to the bytes changes the key
     with pytest.raises(trt.EngineError, match=r"every one is stale .*onnx_sha256 '[0-9a-f]{64}' \(now '[0-9a-f]{64}'\)"
                                               r".*Rebuild: sdfast build"):
-        trt.find_engine(folder_copy, "text_encoder")
+        trt.find_engines(folder_copy, "text_encoder")[0]
     with pytest.raises(trt.EngineError, match=r"no unet engine in .*sdfast build"):
-        trt.find_engine(folder_copy, "unet")
+        trt.find_engines(folder_copy, "unet")[0]
 
 
 def test_an_engine_from_another_tensorrt_or_gpu_is_stale(folder_copy):
@@ -92,10 +107,10 @@ def test_an_engine_from_another_tensorrt_or_gpu_is_stale(folder_copy):
     sidecar.write_text(json.dumps(meta))
     with pytest.raises(trt.EngineError, match=rf"every one is stale .*version '0\.9' \(now '{now['version']}'\); "
                                               r"gpu 'NVIDIA GeForce RTX 4090 \(sm_89\)' \(now '.*'\)"):
-        trt.find_engine(folder_copy, "vae_decoder")
+        trt.find_engines(folder_copy, "vae_decoder")[0]
     sidecar.write_text("{not json")
     with pytest.raises(trt.EngineError, match=r"unreadable sidecar \(JSONDecodeError\)"):
-        trt.find_engine(folder_copy, "vae_decoder")
+        trt.find_engines(folder_copy, "vae_decoder")[0]
 
 
 def test_timing_cache(engines, sd1_onnx):
@@ -131,14 +146,14 @@ def test_a_corrupt_engine_is_refused_then_rebuilt(folder_copy):
     data[len(data) // 2] ^= 0xFF
     built.path.write_bytes(bytes(data))
     with pytest.raises(trt.EngineError, match=r"is corrupt: its content does not match the sha256"):
-        trt.find_engine(folder_copy, "text_encoder")
+        trt.find_engines(folder_copy, "text_encoder")[0]
     built.path.write_bytes(bytes(data[:1000]))  # truncated
     with pytest.raises(trt.EngineError, match="is corrupt"):
-        trt.find_engine(folder_copy, "text_encoder")
+        trt.find_engines(folder_copy, "text_encoder")[0]
     lines = []
     rebuilt = trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",), log=lines.append)["text_encoder"]
     assert not rebuilt.cached and "is corrupt" in lines[0] and "rebuilding" in lines[0]
-    assert trt.find_engine(folder_copy, "text_encoder").meta["engine_sha256"] == rebuilt.meta["engine_sha256"]
+    assert trt.find_engines(folder_copy, "text_encoder")[0].meta["engine_sha256"] == rebuilt.meta["engine_sha256"]
 
 
 def test_a_shape_outside_the_profiles_names_the_allowed_ranges(engines):
