@@ -8,7 +8,9 @@ one read and one write; TFLOP/s for attention, 4*B*H*N*M*D) and the GPU's name. 
 times between two synchronisations, so launch latency is averaged out rather than dominating. Timings are reported,
 never asserted.
 
-Baselines: GroupNorm+SiLU is ``F.group_norm`` then ``F.silu`` (eager, what the torch backend runs); attention is
+Baselines: GroupNorm+SiLU is ``F.group_norm`` then ``F.silu`` (eager, what the torch backend runs), with the ResNet
+block's time-embedding add ``x + t[:, :, None, None]`` before it in the ``+temb`` groups (the add the kernel fuses);
+attention is
 ``F.scaled_dot_product_attention`` on (B, H, N, D) tensors pinned to each of its fused backends (flash,
 memory-efficient, cuDNN) in turn, so the best of them is in the table; the head-major transposes the model would
 add around it are not counted.
@@ -54,21 +56,25 @@ def _time(benchmark, fn, info: dict) -> None:
 
 @pytest.mark.parametrize("shape", GROUP_NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("temb", [False, True], ids=["plain", "temb"])
 @pytest.mark.parametrize("impl", ["sdfast", "torch"])
-def test_group_norm_silu(benchmark, shape, channels_last, impl):
+def test_group_norm_silu(benchmark, shape, channels_last, temb, impl):
     from sdfast.kernels.group_norm import group_norm
 
     x = torch.randn(shape, device="cuda", dtype=torch.float16)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     weight, bias = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
+    shift = torch.randn(shape[:2], device="cuda", dtype=torch.float16) if temb else None  # (B, C)
     if impl == "sdfast":
         def fn():
-            return group_norm(x, weight, bias, 32, 1e-5, True)
+            return group_norm(x, weight, bias, 32, 1e-5, True, shift)
     else:
         def fn():
-            return F.silu(F.group_norm(x, 32, weight, bias, 1e-5))
-    benchmark.group = f"group_norm_silu {'x'.join(map(str, shape))} {'nhwc' if channels_last else 'nchw'}"
+            h = x + shift[:, :, None, None] if temb else x
+            return F.silu(F.group_norm(h, 32, weight, bias, 1e-5))
+    layout = "nhwc" if channels_last else "nchw"
+    benchmark.group = f"group_norm_silu{'+temb' if temb else ''} {'x'.join(map(str, shape))} {layout}"
     _time(benchmark, fn, {"GB/s": 2 * x.numel() * x.element_size() / 1e9})
 
 

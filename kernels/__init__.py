@@ -2,7 +2,7 @@
 
 | module | kernel | replaces |
 |---|---|---|
-| ``group_norm`` | GroupNorm (+ SiLU), fp32 statistics, NCHW or channels-last | ``F.group_norm`` + ``F.silu`` |
+| ``group_norm`` | (x + time-embedding shift) -> GroupNorm (+ SiLU), fp32 statistics, NCHW or channels-last | ``x + t``, ``F.group_norm``, ``F.silu`` |
 | ``attention`` | flash-attention forward (online softmax), token-major (B, N, H*D) | ``F.scaled_dot_product_attention`` |
 
 Each module holds its private ``_kernel``s, the launcher (the public function, with the model seam's signature) and

@@ -1,8 +1,10 @@
-"""GroupNorm with an optional fused SiLU, for NCHW and channels-last activations, fp16 / bf16 / fp32 in.
+"""GroupNorm with an optional fused SiLU, for NCHW and channels-last activations, fp16 / bf16 / fp32 in, and an
+optional per-channel shift added first (the ResNet block's time embedding: GroupNorm(h + temb)).
 
-Why a kernel: eager PyTorch runs GroupNorm (one pass for the statistics, one to normalise) and then SiLU (another
-read and write of the whole activation). Here the SiLU is applied while normalising, so an activation is read twice
-and written once; the second read of a chunk mostly hits L2.
+Why a kernel: eager PyTorch runs the time-embedding add (a read and write of the whole activation), GroupNorm (one
+pass for the statistics, one to normalise) and then SiLU (another read and write). Here the add happens as x is
+loaded and the SiLU while normalising, so an activation is read twice and written once; the second read of a chunk
+mostly hits L2.
 
 How: each (batch, group) is a (C/G, H*W) region addressed through strides, which covers NCHW (positions
 contiguous) and channels-last (channels contiguous) with one kernel and no layout copy. The positions are cut into
@@ -44,13 +46,15 @@ MAX_TILE = max(config.kwargs["TILE"] for config in CONFIGS)
 MIN_TILE = min(config.kwargs["TILE"] for config in CONFIGS)
 
 
-@triton.autotune(configs=CONFIGS, key=["CPG", "HW", "BLOCK_C"])
+@triton.autotune(configs=CONFIGS, key=["CPG", "HW", "BLOCK_C", "HAS_SHIFT"])
 @triton.jit
 def _group_norm_stats_kernel(
     X,  # input, element (b, c, p) at X + b*stride_b + c*stride_c + p*stride_p (p: flattened H*W position)
+    SHIFT,  # contiguous (B, C) added to x before anything else when HAS_SHIFT (else unused)
     MEAN, M2,  # fp32 (B*G, CHUNKS) outputs: each chunk's mean and sum of squared deviations from it
     HW, G, CPG,  # positions per image, groups, channels per group
     stride_b, stride_c, stride_p,
+    HAS_SHIFT: tl.constexpr,
     CHUNK_HW: tl.constexpr,  # positions per chunk, a multiple of every config's positions per tile
     BLOCK_C: tl.constexpr,  # CPG rounded up to a power of two (a tile's channel extent)
     TILE: tl.constexpr,  # elements per tile (autotuned): BLOCK_C channels x TILE // BLOCK_C positions
@@ -66,13 +70,16 @@ def _group_norm_stats_kernel(
     start = chunk * CHUNK_HW
     end = tl.minimum(start + CHUNK_HW, HW)
     count = CPG * (end - start)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT + b * G * CPG + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
 
     total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for off in range(start, end, BLOCK_P):
         p = off + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (p < HW)[None, :]
         x = tl.load(base + c[:, None] * stride_c + p[None, :] * stride_p, mask=mask, other=0.0)
-        total += x.to(tl.float32)
+        total += tl.where(mask, x.to(tl.float32) + shift[:, None], 0.0)
     mean = tl.sum(total) / count
 
     squares = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
@@ -80,22 +87,24 @@ def _group_norm_stats_kernel(
         p = off + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (p < HW)[None, :]
         x = tl.load(base + c[:, None] * stride_c + p[None, :] * stride_p, mask=mask, other=0.0)
-        d = tl.where(mask, x.to(tl.float32) - mean, 0.0)
+        d = tl.where(mask, x.to(tl.float32) + shift[:, None] - mean, 0.0)
         squares += d * d
     out = bg * tl.num_programs(1) + chunk
     tl.store(MEAN + out, mean)
     tl.store(M2 + out, tl.sum(squares))
 
 
-@triton.autotune(configs=CONFIGS, key=["CPG", "HW", "BLOCK_C", "SILU"])
+@triton.autotune(configs=CONFIGS, key=["CPG", "HW", "BLOCK_C", "SILU", "HAS_SHIFT"])
 @triton.jit
 def _group_norm_apply_kernel(
     X, Y,  # input and output, addressed as in the stats kernel (each with its own strides)
+    SHIFT,  # contiguous (B, C), as in the stats kernel
     W, BIAS,  # (C,) affine weight and bias, any float dtype
     MEAN, M2,  # fp32 (B*G, CHUNKS) from _group_norm_stats_kernel
     HW, G, CPG, eps,
     stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
     SILU: tl.constexpr,  # apply y * sigmoid(y) after the affine
+    HAS_SHIFT: tl.constexpr,
     CHUNK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_CHUNKS: tl.constexpr,  # CHUNKS rounded up to a power of two
     TILE: tl.constexpr,
@@ -123,7 +132,11 @@ def _group_norm_apply_kernel(
     c_mask = c < CPG
     w = tl.load(W + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
     bias = tl.load(BIAS + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
-    scale = w * rstd  # (BLOCK_C,); (x - mean) first: x * scale + shift would round away a tiny variance's signal
+    scale = w * rstd  # (BLOCK_C,); (x - mean) first: x * scale + offset would round away a tiny variance's signal
+    # the shift folds into the centring: (x + shift) - mean, per channel, computed once
+    centre = tl.zeros([BLOCK_C], dtype=tl.float32) - mean
+    if HAS_SHIFT:
+        centre += tl.load(SHIFT + b * G * CPG + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
 
     x_base = X + b.to(tl.int64) * stride_xb + (g * CPG).to(tl.int64) * stride_xc
     y_base = Y + b.to(tl.int64) * stride_yb + (g * CPG).to(tl.int64) * stride_yc
@@ -133,7 +146,7 @@ def _group_norm_apply_kernel(
         p = off + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (p < HW)[None, :]
         x = tl.load(x_base + c[:, None] * stride_xc + p[None, :] * stride_xp, mask=mask, other=0.0)
-        y = (x.to(tl.float32) - mean) * scale[:, None] + bias[:, None]
+        y = (x.to(tl.float32) + centre[:, None]) * scale[:, None] + bias[:, None]
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_base + c[:, None] * stride_yc + p[None, :] * stride_yp, y.to(Y.dtype.element_ty), mask=mask)
@@ -148,8 +161,9 @@ def _position_strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
-               silu: bool) -> torch.Tensor:
-    """GroupNorm over x (B, C, H, W), NCHW or channels-last, then SiLU when ``silu``; statistics in fp32.
+               silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm over x (B, C, H, W) + shift (B, C) per channel, NCHW or channels-last, then SiLU when ``silu``;
+    the add and the statistics in fp32.
 
     The seam signature of ``sdfast.models.layers.group_norm``. Returns a tensor in x's dtype and memory format.
     """
@@ -162,12 +176,15 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
         raise ValueError(f"{channels} channels do not split into {groups} groups: use a group count dividing C")
     if weight.shape != (channels,) or bias.shape != (channels,):
         raise ValueError(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must both be ({channels},)")
+    if shift is not None and shift.shape != (bsz, channels):
+        raise ValueError(f"shift {tuple(shift.shape)} must be ({bsz}, {channels}): one value per image and channel")
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     cpg, hw = channels // groups, h * w
     block_c = triton.next_power_of_2(cpg)
     if block_c > MIN_TILE:
-        return group_norm_reference(x, weight, bias, groups, eps, silu)
+        return group_norm_reference(x, weight, bias, groups, eps, silu, shift)
+    shift_arg = x if shift is None else shift.contiguous()  # never read without HAS_SHIFT
     y = torch.empty_like(x)  # keeps x's memory format, so y's strides mirror x's
     max_block_p = max(MAX_TILE // block_c, 1)
     chunk_hw = max(triton.next_power_of_2(max(CHUNK_ELEMENTS // cpg, 1)), max_block_p)
@@ -175,18 +192,20 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
     mean = torch.empty(bsz * groups, chunks, device=x.device, dtype=torch.float32)  # (B*G, CHUNKS)
     m2 = torch.empty_like(mean)
     grid = (bsz * groups, chunks)
-    _group_norm_stats_kernel[grid](x, mean, m2, hw, groups, cpg, *_position_strides(x),
-                                   CHUNK_HW=chunk_hw, BLOCK_C=block_c)
-    _group_norm_apply_kernel[grid](x, y, weight, bias, mean, m2, hw, groups, cpg, eps,
-                                   *_position_strides(x), *_position_strides(y), SILU=silu, CHUNK_HW=chunk_hw,
-                                   BLOCK_C=block_c, BLOCK_CHUNKS=triton.next_power_of_2(chunks))
+    _group_norm_stats_kernel[grid](x, shift_arg, mean, m2, hw, groups, cpg, *_position_strides(x),
+                                   HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c)
+    _group_norm_apply_kernel[grid](x, y, shift_arg, weight, bias, mean, m2, hw, groups, cpg, eps,
+                                   *_position_strides(x), *_position_strides(y), SILU=silu,
+                                   HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c,
+                                   BLOCK_CHUNKS=triton.next_power_of_2(chunks))
     return y
 
 
 def group_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
-                         silu: bool) -> torch.Tensor:
+                         silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch in fp32 for fp16 / bf16 / fp32 input (as the kernel computes), in fp64 for fp64 input (the
     exact answer the tests hold fp32 to), cast back to x's dtype."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    y = F.group_norm(x.to(dtype), groups, weight.to(dtype), bias.to(dtype), eps)
+    x = x.to(dtype) if shift is None else x.to(dtype) + shift.to(dtype)[:, :, None, None]  # (B, C, H, W)
+    y = F.group_norm(x, groups, weight.to(dtype), bias.to(dtype), eps)
     return (F.silu(y) if silu else y).to(x.dtype)

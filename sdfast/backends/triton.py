@@ -2,7 +2,8 @@
 weights and, on a GPU, one CUDA graph of the U-Net step per shape.
 
 A model -> model step over a loaded torch pipeline (``sdfast.load(..., backend="triton")`` calls ``apply``):
-- every ``GroupNorm.kernel`` becomes ``sdfast.kernels.group_norm.group_norm`` (fp32 statistics, fused SiLU);
+- every ``GroupNorm.kernel`` becomes ``sdfast.kernels.group_norm.group_norm`` (fp32 statistics, fused SiLU and
+  time-embedding add);
 - every ``Attention.kernel`` whose head dim the kernel takes (<= 256: all U-Net heads) becomes
   ``sdfast.kernels.attention.attention`` (the VAE's single 512-wide head stays on torch's SDPA);
 - ``prepare`` (shared with the ``compile`` backend) makes the conv weights channels-last and fuses self-attention's

@@ -32,14 +32,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     return out.transpose(1, 2).reshape(b, n, inner).to(dtype)
 
 
-def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool) -> torch.Tensor:
-    """GroupNorm over (B, C, H, W), optionally followed by SiLU; the reference the fused kernels must equal."""
+def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool,
+               shift: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm over (B, C, H, W), optionally followed by SiLU; the reference the fused kernels must equal.
+
+    ``shift`` (B, C), when given, is added to x per image and channel before normalising: the ResNet block's
+    time-embedding add, which a kernel can fuse into its reads instead of writing x + shift out first.
+    """
+    if shift is not None:
+        x = x + shift[:, :, None, None]  # (B, C, H, W)
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm with an optional fused SiLU. Parameter names match ``nn.GroupNorm`` (``weight``, ``bias``)."""
+    """GroupNorm with an optional fused SiLU (and a per-channel ``shift`` added first, see ``group_norm``).
+    Parameter names match ``nn.GroupNorm`` (``weight``, ``bias``)."""
 
     def __init__(self, groups: int, channels: int, eps: float, silu: bool = False):
         super().__init__()
@@ -48,8 +56,8 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.kernel = group_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x, self.weight, self.bias, self.groups, self.eps, self.silu)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernel(x, self.weight, self.bias, self.groups, self.eps, self.silu, shift)
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, channels={self.weight.shape[0]}, eps={self.eps}, silu={self.silu}"

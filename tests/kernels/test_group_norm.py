@@ -64,11 +64,43 @@ def test_many_chunks_and_a_large_mean(monkeypatch, channels_last):
     assert rel_err(gn.group_norm(x, weight, bias, 4, 1e-6, True), expected) < 1e-3
 
 
-def test_reference_equals_the_model_seam():
+# The ResNet block's time-embedding add, GroupNorm(x + shift[:, :, None, None]): SD's 10 channels per group (a
+# masked channel tile), both layouts, fp16; a shift of +-300 around activations of std 0.5 checks that the kernel
+# centres x + shift, not x, when there are many chunks to combine.
+SHIFT_CASES = [((2, 320, 4, 4, 32), torch.float32, False, 1.0), ((2, 320, 4, 4, 32), torch.float32, True, 1.0),
+               ((1, 64, 5, 7, 16), torch.float16, True, 1.0), ((2, 40, 9, 13, 4), torch.float32, False, 300.0)]
+
+
+@pytest.mark.parametrize("shape,dtype,channels_last,scale", SHIFT_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{str(d)[6:]}-{'nhwc' if cl else 'nchw'}-shift{k:g}"
+                              for s, d, cl, k in SHIFT_CASES])
+def test_shift_matches_reference(monkeypatch, shape, dtype, channels_last, scale):
+    monkeypatch.setattr(gn, "CHUNK_ELEMENTS", 64)  # several chunks per group even at these small sizes
+    *size, groups = shape
+    x, weight, bias = _inputs(*size, dtype, channels_last, std=0.5)
+    shift = (scale * torch.randn(size[0], size[1], generator=torch.Generator().manual_seed(1))).to(DEVICE, dtype)
+    y = gn.group_norm(x, weight, bias, groups, 1e-5, True, shift)
+    expected = gn.group_norm_reference(x.double(), weight.double(), bias.double(), groups, 1e-5, True,
+                                       shift.double())
+    assert y.shape == x.shape and y.dtype == dtype
+    assert rel_err(y, expected) < BOUND[dtype]
+    # the shift changes the answer (a kernel ignoring it fails here): per-channel shifts move each group's statistics
+    assert rel_err(y, gn.group_norm_reference(x.double(), weight.double(), bias.double(), groups, 1e-5, True)) > 0.1
+
+
+@pytest.mark.parametrize("with_shift", [False, True], ids=["plain", "shift"])
+def test_reference_equals_the_model_seam(with_shift):
     """The kernel's reference is the torch seam's maths (sdfast.models.layers.group_norm) in fp32."""
     x, weight, bias = _inputs(2, 32, 6, 6, torch.float32, False)
-    torch.testing.assert_close(gn.group_norm_reference(x, weight, bias, 8, 1e-6, True),
-                               seam_group_norm(x, weight, bias, 8, 1e-6, True))
+    shift = torch.randn(2, 32, device=DEVICE) if with_shift else None
+    torch.testing.assert_close(gn.group_norm_reference(x, weight, bias, 8, 1e-6, True, shift),
+                               seam_group_norm(x, weight, bias, 8, 1e-6, True, shift))
+
+
+def test_a_shift_of_the_wrong_shape_is_named():
+    x, weight, bias = _inputs(2, 32, 4, 4, torch.float32, False)
+    with pytest.raises(ValueError, match=r"shift \(1, 32\) must be \(2, 32\)"):
+        gn.group_norm(x, weight, bias, 8, 1e-5, True, torch.zeros(1, 32, device=DEVICE))
 
 
 def test_strided_input_is_made_contiguous():
