@@ -9,7 +9,8 @@ passed, waits for every answer, and counts each request as exactly one of:
 - ``lost``: no HTTP answer at all (connection dropped, or no answer within ``timeout_s``).
 
 A server that behaves has ``errors == {}`` and ``lost == 0``. The fault mode kills one pipeline replica
-``kill_after_s`` into the run (``kill_replica``), to show that requests in flight on it are retried, not lost.
+``kill_after_s`` into the run (``kill_replica``) while it is computing a batch, to show that requests in flight on
+it are retried, not lost.
 ``benchmarks/load.py`` is the command line around it.
 """
 
@@ -28,7 +29,7 @@ async def run_load(url: str, *, requests: int = 100, concurrency: int = 8, durat
                    payload: dict | None = None, api_key: str | None = None, timeout_s: float = 120.0,
                    kill_after_s: float | None = None, kill=None) -> dict:
     """POST ``payload`` (seed i for request i) to ``url``/v1/txt2img; ``kill(replica)`` runs (in a thread) once,
-    ``kill_after_s`` in, on a replica that has answered. Returns the report (see ``markdown``)."""
+    ``kill_after_s`` in or soon after, on a replica in the middle of a batch. Returns the report (see ``markdown``)."""
     import httpx
 
     host = urlparse(url).hostname or ""
@@ -37,7 +38,7 @@ async def run_load(url: str, *, requests: int = 100, concurrency: int = 8, durat
     payload = {"prompt": "a red circle at the top left", "steps": 20, **(payload or {})}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     outcomes: list[dict] = []
-    replicas: list[str] = []
+    answers: list[tuple[str, float]] = []  # (replica, its call's compute seconds) per 200, in arrival order
     killed: dict = {}
     start = time.perf_counter()
     deadline = start + duration_s
@@ -53,7 +54,7 @@ async def run_load(url: str, *, requests: int = 100, concurrency: int = 8, durat
         latency = time.perf_counter() - sent
         if r.status_code == 200:
             body = r.json()
-            replicas.append(body["replica"])
+            answers.append((body["replica"], body["timings"]["total_ms"] / 1e3))
             outcomes.append({"kind": "ok", "latency_s": latency, "images": len(body["images"]),
                              "batch_images": body["batch_images"], "attempts": body["attempts"]})
         elif r.status_code in (429, 503) and r.headers.get("retry-after"):
@@ -62,12 +63,18 @@ async def run_load(url: str, *, requests: int = 100, concurrency: int = 8, durat
             outcomes.append({"kind": "error", "status": r.status_code, "message": r.text[:200]})
 
     async def fault() -> None:
+        # Killing the replica that answered last, at once, often hits it between batches (it has just finished one),
+        # so nothing is in flight on it and the retry path goes untried. Instead: wait for the next answer, whose
+        # replica is now taking the next queued requests, then a quarter of that answer's compute time.
         await asyncio.sleep(kill_after_s)
-        while not replicas and time.perf_counter() < deadline:
-            await asyncio.sleep(0.05)
-        if replicas:
-            killed.update(replica=replicas[-1], at_s=round(time.perf_counter() - start, 2))
-            await asyncio.to_thread(kill, replicas[-1])
+        seen = len(answers)
+        while len(answers) == seen and len(outcomes) < requests and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        if len(answers) > seen:
+            replica, compute_s = answers[-1]
+            await asyncio.sleep(compute_s / 4)
+            killed.update(replica=replica, at_s=round(time.perf_counter() - start, 2))
+            await asyncio.to_thread(kill, replica)
 
     async with httpx.AsyncClient(base_url=url, headers=headers,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
