@@ -206,6 +206,6 @@ def group_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Plain torch in fp32 for fp16 / bf16 / fp32 input (as the kernel computes), in fp64 for fp64 input (the
     exact answer the tests hold fp32 to), cast back to x's dtype."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x = x.to(dtype) if shift is None else x.to(dtype) + shift.to(dtype)[:, :, None, None]  # (B, C, H, W)
-    y = F.group_norm(x, groups, weight.to(dtype), bias.to(dtype), eps)
+    h = x.to(dtype) if shift is None else x.to(dtype) + shift.to(dtype)[:, :, None, None]  # (B, C, H, W)
+    y = F.group_norm(h, groups, weight.to(dtype), bias.to(dtype), eps)
     return (F.silu(y) if silu else y).to(x.dtype)

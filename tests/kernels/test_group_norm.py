@@ -124,10 +124,13 @@ def test_bad_input_is_named(args, message):
         gn.group_norm(x, weight, torch.zeros_like(weight), groups, 1e-5, True)
 
 
-def test_groups_wider_than_every_tile_take_the_torch_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_groups_wider_than_every_tile_take_the_torch_path(dtype):
     """A group wider than the smallest tile (one group of 512 channels here) cannot fit the kernel's tiles; the
-    launcher answers with the reference maths instead of failing to compile."""
+    launcher answers with the reference maths instead of failing to compile, in the input's dtype."""
     channels = 2 * gn.MIN_TILE
-    x, weight, bias = _inputs(1, channels, 2, 2, torch.float32, False, mean=0.5, std=1.5)
-    expected = gn.group_norm_reference(x.double(), weight.double(), bias.double(), 1, 1e-5, True)
-    assert rel_err(gn.group_norm(x, weight, bias, 1, 1e-5, True), expected) < 1e-5
+    x, weight, bias = _inputs(1, channels, 2, 2, dtype, False, mean=0.5, std=1.5)
+    shift = torch.randn(1, channels, device=DEVICE).to(dtype)
+    expected = gn.group_norm_reference(x.double(), weight.double(), bias.double(), 1, 1e-5, True, shift.double())
+    y = gn.group_norm(x, weight, bias, 1, 1e-5, True, shift)
+    assert y.dtype == dtype and rel_err(y, expected) < BOUND[dtype]
