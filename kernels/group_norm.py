@@ -71,8 +71,8 @@ def _group_norm_stats_kernel(
     end = tl.minimum(start + CHUNK_HW, HW)
     count = CPG * (end - start)
     shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SHIFT:
-        shift = tl.load(SHIFT + b * G * CPG + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:  # (B, C) is (B*G, CPG) too: this group's channels start at bg * CPG
+        shift = tl.load(SHIFT + bg * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
 
     total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for off in range(start, end, BLOCK_P):
@@ -133,10 +133,10 @@ def _group_norm_apply_kernel(
     w = tl.load(W + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
     bias = tl.load(BIAS + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
     scale = w * rstd  # (BLOCK_C,); (x - mean) first: x * scale + offset would round away a tiny variance's signal
-    # the shift folds into the centring: (x + shift) - mean, per channel, computed once
-    centre = tl.zeros([BLOCK_C], dtype=tl.float32) - mean
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_SHIFT:
-        centre += tl.load(SHIFT + b * G * CPG + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + bg * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
+    centre = shift - mean  # (x + shift) - mean with one add per element
 
     x_base = X + b.to(tl.int64) * stride_xb + (g * CPG).to(tl.int64) * stride_xc
     y_base = Y + b.to(tl.int64) * stride_yb + (g * CPG).to(tl.int64) * stride_yc
