@@ -328,7 +328,33 @@ def ort_session(path: Path, providers: list | None = None) -> "onnxruntime.Infer
     # torch runs the scheduler between graph calls: ORT threads spinning after each run would steal its cores
     # (measured on 2 cores: a U-Net run + a torch matmul took 4.0 ms spinning, 2.7 ms not)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    asked = [p if isinstance(p, str) else p[0] for p in providers]
+    # ORT only warns when the CUDA provider fails to load (a CPU build, missing CUDA / cuDNN libraries) and runs
+    # the whole graph on the CPU instead
+    if "CUDAExecutionProvider" in asked and "CUDAExecutionProvider" not in session.get_providers():
+        raise ExportError(f"ONNX Runtime did not load its CUDAExecutionProvider for {path.name} and would run it on "
+                          f"the CPU; {cuda_provider_help()}")
+    return session
+
+
+def cuda_provider_help() -> str:
+    """What a missing or unloadable CUDA provider needs: the providers and ORT distributions installed, the fix."""
+    import importlib.metadata
+
+    installed = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "this machine's CUDA"
+    # both wheels write the same onnxruntime/ folder: uninstall both, or the GPU one is left broken
+    return (f"available providers: {', '.join(onnxruntime.get_available_providers())}; installed: "
+            f"{' and '.join(installed) or 'neither onnxruntime nor onnxruntime-gpu'}. Fix: pip uninstall -y "
+            f"onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (the build for {cuda}, with its cuDNN), "
+            "or load with device='cpu'")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

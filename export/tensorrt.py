@@ -4,7 +4,8 @@ Works with either TensorRT flavour, found in this order (same Python API):
 - ``tensorrt``: full TensorRT; building needs a CUDA GPU, and engines are specific to it.
 - ``tensorrt_rtx`` / ``tensorrt_rtx_bindings`` (TensorRT-RTX; the PyPI wheels ``tensorrt-rtx-cu13-libs`` and
   ``-bindings`` install the latter): builds ahead of time on any machine, GPU or not, and compiles kernels for the
-  GPU when the engine is loaded.
+  GPU when the engine is loaded. It cannot target every GPU (1.7: not sm_90, the H100 / H200): on one of those,
+  builds and loads are refused up front (``check_target``).
 
 Engines are built strongly typed, so their precision is the ONNX graphs' (``sdfast export --dtype``); with full
 TensorRT, ``fp16=True`` on fp32 graphs also allows the classic mixed-precision build (``BuilderFlag.FP16``).
@@ -35,6 +36,8 @@ from .onnx import file_hash, read_manifest, sha256_files
 FLAVOURS = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")  # preference order
 HAS_TENSORRT = any(importlib.util.find_spec(name) is not None for name in FLAVOURS)
 ENGINES = "engines"
+# TensorRT-RTX's compute capabilities (75: sm_75) for a module without a ComputeCapability enum to read them from
+RTX_TARGETS = (75, 80, 86, 89, 120)
 
 
 class EngineError(ValueError):
@@ -69,8 +72,36 @@ def gpu() -> str:
         return "portable (TensorRT-RTX default targets)"
     if not torch.cuda.is_available():
         return "none"
-    major, minor = torch.cuda.get_device_capability()
-    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    return device_name()
+
+
+def device_name(device=None) -> str:
+    """A CUDA GPU as keys and messages name it, e.g. ``NVIDIA H200 (sm_90)``."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+
+
+def rtx_targets(trt) -> tuple[int, ...]:
+    """The compute capabilities TensorRT-RTX module ``trt`` can compile for (89: sm_89): the SM members of its
+    ComputeCapability enum, or RTX_TARGETS where it has none."""
+    members = getattr(getattr(trt, "ComputeCapability", None), "__members__", {})
+    return tuple(sorted(int(v) for name, v in members.items() if name[:2] == "SM" and name[2:].isdigit())) \
+        or RTX_TARGETS
+
+
+def check_target(device=None) -> None:
+    """TensorRT-RTX compiles only for the GPUs of its ComputeCapability enum (1.7: no sm_90, so no H100 / H200), so
+    its engines cannot run on any other: say so in one line, before an engine is built or loaded."""
+    info = flavour()
+    if info["flavour"] != "tensorrt_rtx" or not torch.cuda.is_available():
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    targets = rtx_targets(tensorrt())
+    if major * 10 + minor not in targets:
+        raise EngineError(f"TensorRT-RTX {info['version']} cannot run engines on {device_name(device)}: its targets "
+                          f"are {', '.join(f'sm_{t}' for t in targets)}; on this GPU use backend='triton', 'compile' "
+                          "or 'onnxruntime' (onnxruntime-gpu), or NVIDIA's full `tensorrt` package (pip install "
+                          "tensorrt; sdfast prefers it to TensorRT-RTX)")
 
 
 # -- optimisation profiles --
@@ -268,6 +299,7 @@ def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=None, 
     manifest = read_manifest(folder)
     networks = tuple(manifest["networks"]) if networks is None else networks
     trt = tensorrt()
+    check_target()
     precision = _precision(manifest["dtype"], fp16)
     (folder / ENGINES).mkdir(exist_ok=True)
     results = {}
@@ -309,9 +341,8 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
     logger = trt.Logger(trt.Logger.ERROR)
     try:
         builder = trt.Builder(logger)
-    except (RuntimeError, TypeError) as e:  # full TensorRT without a usable GPU
-        raise EngineError(f"{fields['flavour']} {fields['version']} cannot build here ({e}); full TensorRT "
-                          "needs a CUDA GPU, TensorRT-RTX builds without one") from e
+    except (RuntimeError, TypeError) as e:  # e.g. full TensorRT without a usable GPU
+        raise _build_error(fields, f"could not create a builder ({type(e).__name__}: {e})") from e
     strongly_typed = fields["precision"] != "fp16-mixed"
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     graph = builder.create_network(flags)
@@ -338,7 +369,7 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
     plan = builder.build_serialized_network(graph, config)
     build_s = time.perf_counter() - start
     if plan is None:
-        raise EngineError(f"{fields['flavour']} could not build {onnx_path.name} (see the TensorRT errors above)")
+        raise _build_error(fields, f"could not build {onnx_path.name}")
     if timing_cache is not None:
         timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
     tmp = path.with_suffix(".tmp")
@@ -355,6 +386,21 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
     log(f"{path.name}: built in {build_s:.1f} s ({network}, {fields['precision']}, {fields['flavour']} "
         f"{fields['version']}, {len(fields['profiles'])} profile(s), {meta['engine_bytes'] / 2**20:.1f} MiB)")
     return Engine(path, meta, cached=False)
+
+
+def _build_error(fields: dict, what: str) -> EngineError:
+    """A failed build told by the facts: on a GPU, which one, and that TensorRT logged why; "no GPU" only where
+    torch sees none."""
+    tool = f"{fields['flavour']} {fields['version']}"
+    if torch.cuda.is_available():
+        return EngineError(f"{tool} {what} on {device_name()}: see TensorRT's errors logged above (out of GPU "
+                           "memory, a layer or precision this GPU lacks, a driver too old for this TensorRT)")
+    if fields["flavour"] == "tensorrt":
+        return EngineError(f"{tool} {what}: torch sees no CUDA GPU here, and full TensorRT builds only on one; "
+                           "build on the GPU the engines will run on, or install TensorRT-RTX (pip install "
+                           "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings), which builds without one")
+    return EngineError(f"{tool} {what} (no CUDA GPU here; TensorRT-RTX needs none to build): see TensorRT's "
+                       "errors logged above")
 
 
 def _dtype_name(dtype) -> str:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted
+from . import interpreted, tuning
 
 MAX_HEAD_DIM = 256  # a (BLOCK_M, 256) fp32 accumulator is the most one program holds in registers
 
@@ -37,6 +37,14 @@ def _configs() -> list[triton.Config]:
             for bm in (64, 128) for bn in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4)]
 
 
+FULL_CONFIGS = _configs()
+# Until a GPU run saves measured winners (kernels/tuned/): the Triton fused-attention tutorial's Hopper choices for
+# 64-wide heads (128 x 64 tiles, 3 stages) plus smaller tiles that the pruning keeps for 160-wide heads. A guess.
+QUICK_FALLBACK = [{"kwargs": {"BLOCK_M": bm, "BLOCK_N": bn}, "num_warps": warps, "num_stages": stages}
+                  for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2))]
+QUICK_CONFIGS = tuning.quick("attention", FULL_CONFIGS, QUICK_FALLBACK)
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles whose fp32 accumulator and K / V blocks would spill at large head dims."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
@@ -45,8 +53,6 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["N", "M", "HEAD_DIM", "UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_kernel(
     Q, K, V, O,  # q, out: (B, N, H*D); k, v: (B, M, H*D); last dim contiguous
@@ -100,17 +106,29 @@ def _attention_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+def _autotuned(configs: list[triton.Config]):
+    return triton.autotune(configs=configs, key=["N", "M", "HEAD_DIM", "UPCAST"],
+                           prune_configs_by={"early_config_prune": _prune})(_attention_kernel)
+
+
+# One autotuner per list over the same kernel, each with its own cache of winners per key.
+AUTOTUNERS = {"attention:quick": _autotuned(QUICK_CONFIGS), "attention:full": _autotuned(FULL_CONFIGS)}
+
+
 def supports(head_dim: int) -> bool:
     """Whether the kernel takes this head dim (the SD VAE's single 512-wide head stays on the torch op)."""
     return head_dim <= MAX_HEAD_DIM
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False, *,
+              autotune: str = "quick") -> torch.Tensor:
     """Softmax(q k^T / sqrt(D)) v per head: q (B, N, H*D), k and v (B, M, H*D) -> (B, N, H*D), q's dtype.
 
     The seam signature of ``sdfast.models.layers.attention``; q, k, v may be strided views (e.g. slices of a
-    fused QKV projection) as long as their last dim is contiguous.
+    fused QKV projection) as long as their last dim is contiguous. ``autotune``: "quick" or "full" config list
+    (``sdfast.kernels.tuning``).
     """
+    kernel = AUTOTUNERS[f"attention:{tuning.check_mode(autotune)}"]
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(f"attention takes q (B, N, H*D), k and v (B, M, H*D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -134,7 +152,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     def grid(meta):
         return triton.cdiv(n, meta["BLOCK_M"]), bsz * heads
 
-    _attention_kernel[grid](
+    kernel[grid](
         q, k, v, out, n, m, heads, math.log2(math.e) / math.sqrt(head_dim),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), UPCAST=upcast,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import interpreted
+from . import interpreted, tuning
 
 # Elements of one chunk of a group (C/G channels x some positions), rounded up to a power of two of positions: ~4K
 # spreads SD 1.5's 64x64-latent activations (2 x 320 x 4096 at batch 2) over 512 programs, ~4 per H100 SM, while
@@ -38,15 +38,20 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"TILE": tile}, num_warps=warps) for tile in (1024, 2048, 4096) for warps in (4, 8)]
 
 
-CONFIGS = _configs()
-# The largest tile a config uses: a chunk's positions must be a multiple of every config's positions per tile.
-MAX_TILE = max(config.kwargs["TILE"] for config in CONFIGS)
+FULL_CONFIGS = _configs()
+# Until a GPU run saves measured winners (kernels/tuned/): a middle tile at both warp counts. A guess.
+QUICK_FALLBACK = [{"kwargs": {"TILE": 2048}, "num_warps": 4, "num_stages": 3},
+                  {"kwargs": {"TILE": 2048}, "num_warps": 8, "num_stages": 3},
+                  {"kwargs": {"TILE": 4096}, "num_warps": 8, "num_stages": 3}]
+QUICK_CONFIGS = tuning.quick("group_norm", FULL_CONFIGS, QUICK_FALLBACK)
+# The largest tile a config uses: a chunk's positions must be a multiple of every config's positions per tile (the
+# full list's bounds hold for the quick list too, which is drawn from it).
+MAX_TILE = max(config.kwargs["TILE"] for config in FULL_CONFIGS)
 # A tile holds all of a group's channels for at least one position, so every config must fit BLOCK_C channels; wider
 # groups (over 1,024 channels on a GPU, never in SD: its widest is 1280 / 32 = 40) take the torch path.
-MIN_TILE = min(config.kwargs["TILE"] for config in CONFIGS)
+MIN_TILE = min(config.kwargs["TILE"] for config in FULL_CONFIGS)
 
 
-@triton.autotune(configs=CONFIGS, key=["CPG", "HW", "BLOCK_C", "HAS_SHIFT"])
 @triton.jit
 def _group_norm_stats_kernel(
     X,  # input, element (b, c, p) at X + b*stride_b + c*stride_c + p*stride_p (p: flattened H*W position)
@@ -94,7 +99,6 @@ def _group_norm_stats_kernel(
     tl.store(M2 + out, tl.sum(squares))
 
 
-@triton.autotune(configs=CONFIGS, key=["CPG", "HW", "BLOCK_C", "SILU", "HAS_SHIFT"])
 @triton.jit
 def _group_norm_apply_kernel(
     X, Y,  # input and output, addressed as in the stats kernel (each with its own strides)
@@ -152,6 +156,18 @@ def _group_norm_apply_kernel(
         tl.store(y_base + c[:, None] * stride_yc + p[None, :] * stride_yp, y.to(Y.dtype.element_ty), mask=mask)
 
 
+def _autotuned(kernel, key: list[str]) -> dict:
+    return {mode: triton.autotune(configs=configs, key=key)(kernel)
+            for mode, configs in (("quick", QUICK_CONFIGS), ("full", FULL_CONFIGS))}
+
+
+# One autotuner per kernel and list, each with its own cache of winners per key.
+_STATS = _autotuned(_group_norm_stats_kernel, ["CPG", "HW", "BLOCK_C", "HAS_SHIFT"])
+_APPLY = _autotuned(_group_norm_apply_kernel, ["CPG", "HW", "BLOCK_C", "SILU", "HAS_SHIFT"])
+AUTOTUNERS = {**{f"group_norm_stats:{mode}": tuner for mode, tuner in _STATS.items()},
+              **{f"group_norm_apply:{mode}": tuner for mode, tuner in _APPLY.items()}}
+
+
 def _position_strides(x: torch.Tensor) -> tuple[int, int, int]:
     """(batch, channel, position) strides of a (B, C, H, W) tensor whose H and W flatten to one position axis:
     NCHW-contiguous or channels-last."""
@@ -161,12 +177,14 @@ def _position_strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
-               silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
+               silu: bool, shift: torch.Tensor | None = None, *, autotune: str = "quick") -> torch.Tensor:
     """GroupNorm over x (B, C, H, W) + shift (B, C) per channel, NCHW or channels-last, then SiLU when ``silu``;
     the add and the statistics in fp32.
 
     The seam signature of ``sdfast.models.layers.group_norm``. Returns a tensor in x's dtype and memory format.
+    ``autotune``: "quick" or "full" config list (``sdfast.kernels.tuning``).
     """
+    mode = tuning.check_mode(autotune)
     if x.ndim != 4:
         raise ValueError(f"group_norm takes (B, C, H, W) activations, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -192,12 +210,12 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
     mean = torch.empty(bsz * groups, chunks, device=x.device, dtype=torch.float32)  # (B*G, CHUNKS)
     m2 = torch.empty_like(mean)
     grid = (bsz * groups, chunks)
-    _group_norm_stats_kernel[grid](x, shift_arg, mean, m2, hw, groups, cpg, *_position_strides(x),
-                                   HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c)
-    _group_norm_apply_kernel[grid](x, y, shift_arg, weight, bias, mean, m2, hw, groups, cpg, eps,
-                                   *_position_strides(x), *_position_strides(y), SILU=silu,
-                                   HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c,
-                                   BLOCK_CHUNKS=triton.next_power_of_2(chunks))
+    _STATS[mode][grid](x, shift_arg, mean, m2, hw, groups, cpg, *_position_strides(x),
+                       HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c)
+    _APPLY[mode][grid](x, y, shift_arg, weight, bias, mean, m2, hw, groups, cpg, eps,
+                       *_position_strides(x), *_position_strides(y), SILU=silu,
+                       HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c,
+                       BLOCK_CHUNKS=triton.next_power_of_2(chunks))
     return y
 
 

@@ -303,7 +303,9 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--threshold", type=float, default=0.05,
                        help="with --compare: a median step or end to end slower by more than this is a regression")
     bench.add_argument("--backends", default="torch", help="comma-separated: torch, triton, compile, onnxruntime, "
-                       "tensorrt (one that cannot run here is reported as skipped, with the reason)")
+                       "tensorrt (one that cannot run here is reported as skipped, with the reason); options as "
+                       "NAME:OPTION=VALUE, e.g. triton:kernels=off (CUDA graphs without the kernels), "
+                       "triton:autotune=full")
     bench.add_argument("--sizes", default=None, help="comma-separated image sizes, 512 or WxH (default: the "
                        "model's own)")
     bench.add_argument("--batch", default="1", help="comma-separated images per call, e.g. 1,4")
@@ -314,6 +316,15 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--warmup", type=int, default=1, help="untimed generations per configuration")
     bench.add_argument("--repeat", type=int, default=3, help="timed generations per configuration")
     bench.add_argument("--no-baseline", action="store_true", help="leave out diffusers' StableDiffusionPipeline")
+    bench.add_argument("--compiled-baseline", action="store_true",
+                       help="also time diffusers with its U-Net compiled (channels-last, fused QKV, torch.compile)")
+    bench.add_argument("--compile-mode", default=None,
+                       help="torch.compile mode of the compile backend and the compiled baseline (default: the "
+                       "compile backend's max-autotune; reduce-overhead compiles in a fraction of its time)")
+    bench.add_argument("--compiler", default="inductor",
+                       help="torch.compile backend (inductor; eager only traces, for smoke runs on a CPU)")
+    bench.add_argument("--peak", default="datasheet", help="what fraction_of_peak divides by: datasheet (the GPU's "
+                       "published dense fp16 rate), measure (a matmul timed at the start), or TFLOP/s")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", type=Path, default=Path("bench.json"),
                        help="the JSON report; the markdown table (.md) and the chart (.png) are written beside it")
@@ -352,7 +363,9 @@ def run_bench(args) -> int:
         backends=_bench_list(args.backends, str, "backends"), batches=_bench_list(args.batch, int, "batch"),
         sizes=_bench_list(args.sizes, _bench_size, "sizes") if args.sizes else (), steps=args.steps,
         scheduler=args.scheduler, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
-        device=device, warmup=args.warmup, repeat=args.repeat, baseline=not args.no_baseline, seed=args.seed)
+        device=device, warmup=args.warmup, repeat=args.repeat, baseline=not args.no_baseline, seed=args.seed,
+        compiled_baseline=args.compiled_baseline, compile_mode=args.compile_mode, compiler=args.compiler,
+        peak=args.peak)
     settings.check()
     if args.arch:
         preset(args.arch)  # an unknown name fails before anything is written
@@ -370,10 +383,20 @@ def run_bench(args) -> int:
                           "--steps", str(settings.steps), "--scheduler", settings.scheduler,
                           "--dtype", settings.dtype, "--device", device, "--warmup", str(settings.warmup),
                           "--repeat", str(settings.repeat), "--seed", str(settings.seed),
-                          *(["--no-baseline"] if args.no_baseline else [])])
-    result = benchmark(model, settings, label=label, command=command)
+                          *(["--no-baseline"] if args.no_baseline else []),
+                          *(["--compiled-baseline"] if args.compiled_baseline else []),
+                          *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
+                          *(["--compiler", args.compiler] if args.compiler != "inductor" else []),
+                          *(["--peak", args.peak] if args.peak != "datasheet" else [])])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+
+    def save(result: dict) -> None:  # after every backend, so a run that is killed keeps what it measured
+        partial = args.out.with_name(f".{args.out.name}.partial")
+        partial.write_text(json.dumps(result, indent=1))
+        partial.replace(args.out)
+
+    result = benchmark(model, settings, label=label, command=command, on_rows=save)
+    save(result)
     table = report.markdown(result)
     args.out.with_suffix(".md").write_text(table)
     written = [args.out, args.out.with_suffix(".md")]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdfast.export.onnx import HAS_ONNXRUNTIME, ExportError, ort_session
+from sdfast.export.onnx import HAS_ONNXRUNTIME, ExportError, cuda_provider_help, ort_session
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
@@ -39,8 +39,7 @@ def providers_for(device: torch.device, cuda_graph: bool = False) -> list:
     if device.type != "cuda":
         raise ExportError(f"the onnxruntime backend runs on 'cpu' or 'cuda', not {device}")
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        raise ExportError("this onnxruntime has no CUDA provider: pip install onnxruntime-gpu (in place of "
-                          "onnxruntime), or load with device='cpu'")
+        raise ExportError(f"this onnxruntime has no CUDA provider; {cuda_provider_help()}")
     index = device.index if device.index is not None else torch.cuda.current_device()
     options = {"device_id": index, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]

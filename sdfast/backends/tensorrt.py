@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sdfast.export.tensorrt import (Engine, EngineError, Shapes, build_engines, check_shapes, covering, find_engines,
-                                    flavour, tensorrt)
+from sdfast.export.tensorrt import (Engine, EngineError, Shapes, build_engines, check_shapes, check_target, covering,
+                                    device_name, find_engines, flavour, tensorrt)
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
           "int32": torch.int32, "bool": torch.bool}
@@ -30,8 +30,9 @@ class EngineRunner:
         data = path.read_bytes()
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise EngineError(f"engine {path} does not load{_validity(self.runtime, data)}: rebuild it with "
-                              "`sdfast build`")
+            raise EngineError(f"engine {path} does not load on {device_name(device)}{_validity(self.runtime, data)} "
+                              "(built by another TensorRT or for another GPU, or out of GPU memory; see TensorRT's "
+                              "errors above): rebuild it with `sdfast build` on this machine")
         self.runtime_cache = None
         if flavour()["flavour"] == "tensorrt_rtx":  # JIT-compiled kernels survive restarts in the runtime cache
             config = self.engine.create_runtime_config()
@@ -43,6 +44,11 @@ class EngineRunner:
             self.context = self.engine.create_execution_context(config)
         else:
             self.context = self.engine.create_execution_context()
+        if self.context is None:  # TensorRT returns None, e.g. when the activation memory does not fit
+            raise EngineError(f"engine {path}: TensorRT could not create an execution context on "
+                              f"{device_name(device)} (out of GPU memory, most likely; see TensorRT's errors above): "
+                              "free GPU memory (other engines, processes) or build for smaller sizes or batches "
+                              "(sdfast build --sizes / --batch)")
         self.dtypes = {t["name"]: _TORCH[t["dtype"]] for t in meta["io"]}
         self.stream = torch.cuda.Stream(device)
         self.profile = None
@@ -118,6 +124,7 @@ def runners(folder: Path, manifest: dict, device: torch.device, *, build: bool =
         raise EngineError(f"the tensorrt backend runs on a CUDA GPU (asked for {device}, CUDA available: "
                           f"{torch.cuda.is_available()}); engines can still be built here with `sdfast build`")
     tensorrt()  # a clear error when no TensorRT module is installed
+    check_target(device)
     if build:
         side = manifest["configs"]["unet"]["sample_size"] * 2 ** (len(manifest["configs"]["vae"]["block_channels"]) - 1)
         shapes = Shapes.parse(sizes or [f"{side}x{side}"], batch or [1], prompt_chunks)

@@ -9,6 +9,8 @@ A model -> model step over a loaded torch pipeline (``sdfast.load(..., backend="
 - ``prepare`` (shared with the ``compile`` backend) makes the conv weights channels-last and fuses self-attention's
   q / k / v projections into one GEMM;
 - ``CudaGraphUNet`` replays the U-Net from a CUDA graph captured per (latent shape, context shape, dtype).
+Each step is an option (``TritonOptions``): ``kernels=False`` keeps torch's ops at the seams, so a benchmark can
+tell the kernels' share from the graphs'.
 Nothing global is patched and no parameter is renamed: ``state_dict()`` keeps the checkpoint's keys.
 On CPU the kernels only run in Triton's interpreter (``TRITON_INTERPRET=1``, for tests), without graphs.
 """
@@ -16,6 +18,7 @@ On CPU the kernels only run in Triton's interpreter (``TRITON_INTERPRET=1``, for
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +39,18 @@ class TritonOptions:
         fused weight is a new tensor and to_q / to_k / to_v.weight become views of it, so no memory is added.
     cuda_graph: the U-Net step is replayed from a CUDA graph (about a thousand launches become one); each captured
         shape holds its own activations in GPU memory, and the first call per shape captures (a few U-Net runs).
+    kernels: the Triton kernels behind the GroupNorm and attention seams; False keeps torch's ops there, so the
+        other steps (channels-last, fused QKV, CUDA graphs) can be measured without them.
+    autotune: "quick" tries a few configs per kernel and shape on the first call (the winners a GPU run saved in
+        ``kernels/tuned/``, else a fallback guess); "full" tries every config: the best kernels, but minutes on
+        the first call per shape.
     """
 
     channels_last: bool = True
     fuse_qkv: bool = True
     cuda_graph: bool = True
+    kernels: bool = True
+    autotune: str = "quick"
 
 
 class FusedSelfAttention(Attention):
@@ -90,16 +100,17 @@ def prepare(net: nn.Module, *, channels_last: bool, fuse_qkv: bool) -> nn.Module
     return net
 
 
-def use_kernels(net: nn.Module) -> nn.Module:
-    """Put the Triton kernels behind ``net``'s GroupNorm and Attention seams (in place)."""
+def use_kernels(net: nn.Module, autotune: str = "quick") -> nn.Module:
+    """Put the Triton kernels behind ``net``'s GroupNorm and Attention seams (in place), autotuned from the
+    ``autotune`` list ("quick" or "full")."""
     from sdfast.kernels.attention import attention, supports
     from sdfast.kernels.group_norm import group_norm
 
     for module in net.modules():
         if isinstance(module, GroupNorm):
-            module.kernel = group_norm
+            module.kernel = functools.partial(group_norm, autotune=autotune)
         elif isinstance(module, Attention) and supports(module.to_q.out_features // module.heads):
-            module.kernel = attention
+            module.kernel = functools.partial(attention, autotune=autotune)
     return net
 
 
@@ -152,7 +163,7 @@ class CudaGraphUNet(nn.Module):
 def apply(pipe, **options):
     """The pipeline with its U-Net and VAE on the Triton kernels (modules converted in place); ``options`` are
     ``TritonOptions`` fields. Needs a CUDA device, or the CPU under ``TRITON_INTERPRET=1`` (tests only: slow)."""
-    from sdfast.kernels import interpreted, require
+    from sdfast.kernels import interpreted, require, tuning
 
     require("the triton backend")
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TritonOptions)})
@@ -160,10 +171,13 @@ def apply(pipe, **options):
         raise ValueError(f"the triton backend has no option(s) {unknown}; it takes "
                          f"{[f.name for f in dataclasses.fields(TritonOptions)]}")
     opts = TritonOptions(**options)
+    tuning.check_mode(opts.autotune)
     if pipe.device.type != "cuda" and not interpreted():
         raise ValueError(f"the triton backend runs on a CUDA GPU, not {pipe.device}: load with device='cuda' "
                          "(on a CPU, TRITON_INTERPRET=1 runs its kernels in Triton's slow interpreter, for tests)")
     for net in (pipe.unet, pipe.vae):
-        use_kernels(prepare(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv))
+        prepare(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
+        if opts.kernels:
+            use_kernels(net, opts.autotune)
     unet = CudaGraphUNet(pipe.unet) if opts.cuda_graph and pipe.device.type == "cuda" else pipe.unet
     return dataclasses.replace(pipe, unet=unet)

@@ -8,6 +8,10 @@ the U-Net and the VAE decoder, and ``callback_on_step_end`` at the end of each s
 forward alone (sdfast's also holds the guidance arithmetic), ``scheduler`` is everything from the U-Net's end to the
 step's end (guidance and the scheduler update), and ``step`` runs from one step's end to the next: the same work as
 sdfast's step.
+
+With ``compile_mode``, the baseline is diffusers as its own guide tunes it for ``torch.compile``: channels-last
+U-Net weights, fused QKV projections (``fuse_qkv_projections``), the U-Net compiled with ``fullgraph=True``. That is
+the strongest PyTorch-native peer, and the row sdfast's ``triton`` backend has to beat.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ DIFFUSERS_SCHEDULERS = {
 class DiffusersBaseline:
     """``generate(...) -> Timings`` over diffusers' pipeline loaded from a diffusers folder."""
 
-    def __init__(self, model: Path, device: torch.device, dtype: torch.dtype, scheduler: str):
+    def __init__(self, model: Path, device: torch.device, dtype: torch.dtype, scheduler: str, *,
+                 compile_mode: str | None = None, compiler: str | None = None):
         if not HAS_DIFFUSERS:
             raise ValueError('the diffusers baseline needs diffusers and transformers: pip install "sdfast[bench]" '
                              "(or run without the baseline: --no-baseline)")
@@ -60,6 +65,8 @@ class DiffusersBaseline:
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **switches)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
+        if compile_mode is not None or compiler is not None:
+            _compile(pipe, compile_mode, compiler or "inductor")
         self.unet_config = UNetConfig.from_diffusers(dict(pipe.unet.config))
         self.vae_scale_factor = pipe.vae_scale_factor
         self.recorder = Recorder(device)
@@ -112,6 +119,15 @@ class DiffusersBaseline:
         if index + 1 < pipe.num_timesteps:
             self._start("step")
         return kwargs
+
+
+def _compile(pipe, mode: str | None, compiler: str) -> None:
+    """diffusers' torch.compile recipe, in place: channels-last, fused QKV, the U-Net compiled whole. The hooks that
+    time the U-Net sit on the compiled module's wrapper, outside the graph."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.fuse_qkv_projections()
+    pipe.unet = torch.compile(pipe.unet, mode=mode if compiler == "inductor" else None, backend=compiler,
+                              fullgraph=True)
 
 
 def _is_xl(model: Path) -> bool:

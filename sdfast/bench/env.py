@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +114,55 @@ def environment(device: torch.device) -> dict:
         "versions": {name: _installed(dists) for name, dists in _PACKAGES.items()},
         "git_commit": _command("git", "rev-parse", "--short", "HEAD", cwd=Path(__file__).parent),
     }
+
+
+# -- the device's ceilings, measured: what a benchmark's rates are held to --
+
+
+def _timed(device: torch.device, fn, repeat: int) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after three warm-ups: CUDA events on a GPU, the host clock
+    after a synchronisation elsewhere."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 8192, repeat: int = 10) -> dict:
+    """The matmul rate in ``dtype``: an n x n x n product on random data (zeros run faster than real data), median
+    of ``repeat``. On a GPU, the tensor-core ceiling a U-Net's TFLOP/s is held to."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = _timed(device, lambda: a @ b, repeat)
+    name = str(dtype).removeprefix("torch.")
+    return {"tflops": float(f"{2 * n**3 / seconds / 1e12:.4g}"), "what": f"{n}x{n}x{n} {name} matmul, median of {repeat}"}
+
+
+def measure_copy(device: torch.device, gib: float = 2.0, repeat: int = 10) -> dict:
+    """Device memory bandwidth: a copy of ``gib`` GiB, counting the bytes read and the bytes written."""
+    src = torch.randn(int(gib * 2**30) // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = _timed(device, lambda: dst.copy_(src), repeat)
+    return {"gb_per_s": float(f"{2 * src.numel() * 4 / seconds / 1e9:.4g}"),
+            "what": f"{gib:g} GiB device copy (read + write), median of {repeat}"}
+
+
+def clocks() -> dict | None:
+    """The GPU's current and maximum SM and memory clocks (MHz) and its power limit, from nvidia-smi: a throttled
+    or power-capped card explains a slow run. None without nvidia-smi."""
+    fields = ("clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.limit", "temperature.gpu")
+    line = _command("nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits")
+    if line is None:
+        return None
+    return dict(zip(fields, (v.strip() for v in line.split(","))))

@@ -10,7 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .run import BASELINE, SCHEMA_VERSION
+from .run import BASELINE, COMPILED_BASELINE, SCHEMA_VERSION
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -22,6 +22,8 @@ _STATS = {
                    "n": {"type": "integer", "minimum": 1}},
 }
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
+_SPEEDUP = {"type": "object", "required": ["step", "end_to_end"],
+            "properties": {"step": {"type": "number"}, "end_to_end": {"type": "number"}}}
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -31,6 +33,7 @@ SCHEMA = {
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "created": {"type": "string", "description": "UTC time the run ended, ISO 8601"},
+        "complete": {"type": "boolean", "description": "false while a run is still going (rows so far)"},
         "command": {"type": ["string", "null"], "description": "the command line that made it"},
         "model": {"type": "object", "required": ["path", "label"],
                   "properties": {"path": {"type": "string"}, "label": {"type": "string"}}},
@@ -84,11 +87,10 @@ SCHEMA = {
                 "unet_flops": {"type": "integer", "description": "FLOPs of one guided U-Net call, from its shapes"},
                 "unet_tflops": {"type": "number", "description": "unet_flops / median U-Net call"},
                 "fraction_of_peak": _NUMBER_OR_NULL,
-                "speedup": {"description": "baseline p50 / this row's p50 (> 1: faster); null without a baseline",
-                            "oneOf": [{"type": "null"},
-                                      {"type": "object", "required": ["step", "end_to_end"],
-                                       "properties": {"step": {"type": "number"},
-                                                      "end_to_end": {"type": "number"}}}]},
+                "speedup": {"description": "diffusers eager p50 / this row's p50 (> 1: faster); null without it",
+                            "oneOf": [{"type": "null"}, _SPEEDUP]},
+                "speedup_compiled": {"description": "diffusers-compile p50 / this row's p50; null without it",
+                                     "oneOf": [{"type": "null"}, _SPEEDUP]},
             },
             "if": {"properties": {"status": {"const": "ok"}}},
             "then": {"required": ["load_s", "first_call_ms", "latency_ms", "images_per_s", "memory_mb", "unet_flops",
@@ -128,7 +130,7 @@ def _cells(row: dict) -> dict[str, str]:
     peak = "" if row["fraction_of_peak"] is None else f" ({row['fraction_of_peak']:.0%})"
     memory = (f"{mem['process_peak_rss']:.0f} (process)" if mem["torch_peak"] is None else  # a CPU run
               f"{mem['torch_peak']:.0f} (device {mem['device_used']:.0f})")  # ORT / TensorRT: only the device's
-    speedup = row["speedup"]
+    speedup, compiled = row["speedup"], row.get("speedup_compiled")
     return {
         "text encoder": _ms(lat["text_encoder"]["p50"]),
         "U-Net call p50": _ms(lat["unet"]["p50"]),
@@ -143,6 +145,8 @@ def _cells(row: dict) -> dict[str, str]:
         "load, s / first call, ms": f"{row['load_s']:.1f} / {_ms(row['first_call_ms'])}",
         "speed-up: step / end to end": "" if speedup is None else
         f"{speedup['step']:.2f}x / {speedup['end_to_end']:.2f}x",
+        "speed-up over diffusers-compile": "" if compiled is None else
+        f"{compiled['step']:.2f}x / {compiled['end_to_end']:.2f}x",
     }
 
 
@@ -205,7 +209,8 @@ def chart(report: dict, path: str | Path) -> Path:
                   if r["backend"] == backend}
         xs = [g + (i - (len(backends) - 1) / 2) * width for g, key in enumerate(groups) if key in values]
         heights = [values[key] for key in groups if key in values]
-        bars = ax.bar(xs, heights, width, label=backend, hatch="//" if backend == BASELINE else None)
+        bars = ax.bar(xs, heights, width, label=backend,
+                      hatch="//" if backend in (BASELINE, COMPILED_BASELINE) else None)
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.set_xticks(range(len(groups)), [f"{w}x{h}\nbatch {b}" for w, h, b in groups])
     ax.set_ylabel("U-Net call, median ms (lower is better)")

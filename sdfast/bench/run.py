@@ -11,6 +11,7 @@ skipped with the reason, a configuration that fails as failed with the reason: t
 from __future__ import annotations
 
 import gc
+import math
 import resource
 import sys
 import time
@@ -26,10 +27,11 @@ from ..layouts import infer_configs
 from ..schedulers import SCHEDULERS
 from ..timing import Timings, latency_stats
 from .baseline import DiffusersBaseline
-from .env import device_peak, environment
+from .env import Peak, device_peak, environment, measure_matmul
 from .flops import unet_flops
 
 BASELINE = "diffusers"
+COMPILED_BASELINE = "diffusers-compile"  # diffusers' U-Net through torch.compile: the strongest PyTorch-native peer
 SCHEMA_VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -49,6 +51,12 @@ class Settings:
     warmup: int = 1  # untimed generations per configuration
     repeat: int = 3  # timed generations; step statistics pool steps x repeat samples
     baseline: bool = True  # diffusers' StableDiffusionPipeline on the same weights, in the same run
+    compiled_baseline: bool = False  # also diffusers with its U-Net compiled (compile_mode, compiler): minutes more
+    compile_mode: str | None = None  # torch.compile mode for the compile backend and the compiled baseline;
+    # None: the compile backend's own default (max-autotune: 4-8 minutes for SD 1.5 on a first call)
+    compiler: str = "inductor"  # torch.compile's backend; "eager" only traces (CPU smoke runs)
+    peak: str = "datasheet"  # the fraction of peak against: "datasheet" (sdfast.bench.env.PEAKS), "measure" (a
+    # large matmul in the run's dtype, timed at the start of the run), or a number in TFLOP/s measured earlier
     prompt: str = "a photograph of an astronaut riding a horse"
     guidance_scale: float = 7.5
     seed: int = 0
@@ -67,11 +75,55 @@ class Settings:
         for w, h in self.sizes:
             if w <= 0 or h <= 0 or w % 8 or h % 8:
                 raise ValueError(f"size {w}x{h} is not a positive multiple of 8")
-        if not self.backends and not self.baseline:
+        if not self.backends and not self.baseline and not self.compiled_baseline:
             raise ValueError("nothing to run: name at least one backend, or keep the baseline")
-        if len(set(self.backends)) != len(self.backends) or BASELINE in self.backends:
+        if len(set(self.backends)) != len(self.backends) or {BASELINE, COMPILED_BASELINE} & set(self.backends):
             raise ValueError(f"backends {list(self.backends)}: name each once (the {BASELINE} baseline is added "
-                             "by itself; --no-baseline leaves it out)")
+                             "by itself, --no-baseline leaves it out, --compiled-baseline adds "
+                             f"{COMPILED_BASELINE})")
+        for spec in self.backends:
+            parse_backend(spec)
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        if self.peak not in ("datasheet", "measure") and not _positive_number(self.peak):
+            raise ValueError(f"peak {self.peak!r}: use datasheet, measure, or a positive number of TFLOP/s")
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value > 0
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _option(text: str):
+    """A backend option's value as written on the command line: on / off / true / false, an integer, or text."""
+    lowered = text.lower()
+    if lowered in ("on", "true", "yes"):
+        return True
+    if lowered in ("off", "false", "no"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_backend(spec: str) -> tuple[str, dict]:
+    """``"triton:kernels=off:autotune=full"`` -> ``("triton", {"kernels": False, "autotune": "full"})``."""
+    name, *options = spec.split(":")
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"backend {spec!r}: options are written NAME:OPTION=VALUE (e.g. triton:kernels=off), "
+                             f"not {option!r}")
+        parsed[key] = _option(value)
+    return name, parsed
 
 
 def native_size(model: Path) -> tuple[int, int]:
@@ -93,16 +145,20 @@ def native_size(model: Path) -> tuple[int, int]:
 class _Sdfast:
     """An sdfast pipeline on one backend, with the baseline's ``generate -> Timings`` signature."""
 
-    def __init__(self, backend: str, model: Path, settings: Settings, sizes):
+    def __init__(self, spec: str, model: Path, settings: Settings, sizes):
         import sdfast
 
+        backend, options = parse_backend(spec)
         device = torch.device(settings.device)
         if backend == "tensorrt" and device.type != "cuda":  # before exporting anything
             raise ValueError(f"the tensorrt backend runs on a CUDA GPU; this run is on {device}")
-        options = {}
         if backend == "tensorrt":  # engines for every configuration of the run
             options = {"sizes": [f"{w}x{h}" for w, h in sizes], "batch": [min(settings.batches),
-                                                                          max(settings.batches)]}
+                                                                          max(settings.batches)], **options}
+        if backend == "compile":
+            options = {"compiler": settings.compiler, **options}
+            if settings.compile_mode is not None:
+                options.setdefault("mode", settings.compile_mode)
         self.pipe = sdfast.load(model, device, settings.dtype, backend=backend, **options)
         self.unet_config = self.pipe.unet.config
         self.vae_scale_factor = self.pipe.vae_scale_factor
@@ -185,9 +241,11 @@ def _bench_backend(backend: str, model: Path, settings: Settings, sizes, bar: tq
     bar.set_postfix_str(f"{backend}: loading")
     start = time.perf_counter()
     try:
-        if backend == BASELINE:
+        if backend in (BASELINE, COMPILED_BASELINE):
+            compiled = backend == COMPILED_BASELINE
             runner = DiffusersBaseline(model, torch.device(settings.device), DTYPES[settings.dtype],
-                                       settings.scheduler)
+                                       settings.scheduler, compile_mode=settings.compile_mode if compiled else None,
+                                       compiler=settings.compiler if compiled else None)
         else:
             runner = _Sdfast(backend, model, settings, sizes)
     except Exception as e:  # unknown, not installed, no GPU, cannot export or build: this backend is skipped
@@ -211,23 +269,46 @@ def _bench_backend(backend: str, model: Path, settings: Settings, sizes, bar: tq
     return rows
 
 
-def _add_speedups(rows: list[dict], peak) -> None:
-    """Each row's speed-up over the baseline of the same size and batch (baseline time / row time, > 1 is faster),
-    and its U-Net throughput as a fraction of the device's peak."""
-    base = {(r["width"], r["height"], r["batch"]): r for r in rows if r["backend"] == BASELINE and r["status"] == "ok"}
+def add_speedups(rows: list[dict], peak: Peak | None) -> None:
+    """Each row's speed-up over the baselines of the same size and batch (baseline time / row time, > 1 is faster):
+    ``speedup`` over diffusers eager, ``speedup_compiled`` over diffusers compiled (when the run has it); and its
+    U-Net throughput as a fraction of the device's peak."""
+
+    def ok(name):
+        return {(r["width"], r["height"], r["batch"]): r for r in rows if r["backend"] == name and r["status"] == "ok"}
+
+    def ratios(base, r):
+        return None if base is None else {
+            key: base["latency_ms"][key]["p50"] / r["latency_ms"][key]["p50"] for key in ("step", "end_to_end")}
+
+    eager, compiled = ok(BASELINE), ok(COMPILED_BASELINE)
     for r in rows:
         if r["status"] != "ok":
             continue
+        key = (r["width"], r["height"], r["batch"])
         r["fraction_of_peak"] = r["unet_tflops"] / peak.tflops if peak else None
-        b = base.get((r["width"], r["height"], r["batch"]))
-        r["speedup"] = None if b is None else {
-            key: b["latency_ms"][key]["p50"] / r["latency_ms"][key]["p50"] for key in ("step", "end_to_end")}
+        r["speedup"] = ratios(eager.get(key), r)
+        r["speedup_compiled"] = ratios(compiled.get(key), r)
+
+
+def _peak(settings: Settings, env: dict) -> Peak | None:
+    dtype = DTYPES[settings.dtype]
+    if settings.peak == "datasheet":
+        return device_peak(env["gpu"], dtype)
+    if settings.peak == "measure":
+        if settings.device.startswith("cuda"):
+            measured = measure_matmul(torch.device(settings.device), dtype)
+            return Peak(env["gpu"], measured["tflops"], f"measured in this run: {measured['what']}")
+        return None  # a CPU's matmul rate is no tensor-core peak
+    return Peak(env["gpu"] or env["cpu"], float(settings.peak), f"measured earlier in this run ({settings.peak} "
+                "TFLOP/s, given as --peak)")
 
 
 def run(model: str | Path, settings: Settings, *, label: str | None = None, command: str | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, on_rows=None) -> dict:
     """Benchmark ``model`` (a diffusers folder, single file or export folder) as ``settings`` say; returns the
-    report as a JSON-ready dict (the schema: ``sdfast.bench.report.SCHEMA``)."""
+    report as a JSON-ready dict (the schema: ``sdfast.bench.report.SCHEMA``). ``on_rows(report)`` is called after
+    each backend with the report so far (``"complete": false``), e.g. to save it."""
     settings.check()
     model = Path(model)
     if not model.exists():
@@ -237,21 +318,29 @@ def run(model: str | Path, settings: Settings, *, label: str | None = None, comm
         raise ValueError("--device cuda, but torch sees no CUDA device: use --device cpu")
     sizes = settings.sizes or (native_size(model),)
     env = environment(device)
-    peak = device_peak(env["gpu"], DTYPES[settings.dtype])
-    backends = ([BASELINE] if settings.baseline else []) + list(settings.backends)
+    peak = _peak(settings, env)
+    backends = (([BASELINE] if settings.baseline else []) + ([COMPILED_BASELINE] if settings.compiled_baseline
+                                                               else []) + list(settings.backends))
     calls = len(backends) * len(sizes) * len(settings.batches) * (settings.warmup + settings.repeat)
     rows = []
+
+    def report(complete: bool) -> dict:
+        add_speedups(rows, peak)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "complete": complete,
+            "command": command,
+            "model": {"path": str(model), "label": label or model.name},
+            "settings": {**asdict(settings), "sizes": [f"{w}x{h}" for w, h in sizes]},
+            "environment": env,
+            "peak": None if peak is None else {"tflops": peak.tflops, "source": peak.source},
+            "rows": rows,
+        }
+
     with tqdm(total=calls, desc="bench", unit="generation", file=sys.stderr, disable=not progress) as bar:
         for backend in backends:
             rows += _bench_backend(backend, model, settings, sizes, bar)
-    _add_speedups(rows, peak)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "model": {"path": str(model), "label": label or model.name},
-        "settings": {**asdict(settings), "sizes": [f"{w}x{h}" for w, h in sizes]},
-        "environment": env,
-        "peak": None if peak is None else {"tflops": peak.tflops, "source": peak.source},
-        "rows": rows,
-    }
+            if on_rows is not None and backend != backends[-1]:
+                on_rows(report(complete=False))
+    return report(complete=True)

@@ -13,7 +13,7 @@ from sdfast.bench import report
 from sdfast.bench.arch import preset
 from sdfast.bench.env import Peak, device_peak
 from sdfast.bench.flops import unet_flops
-from sdfast.bench.run import Settings, run
+from sdfast.bench.run import Settings, add_speedups, parse_backend, run
 from sdfast.cli import main
 from sdfast.models import UNetConfig
 
@@ -82,9 +82,14 @@ def test_markdown_is_a_module_latency_table_per_configuration(result):
 
 
 def test_chart_is_a_png(result, tmp_path):
+    """A real picture: a PNG of the figure's size, with the bars drawn (more than a blank canvas's colours)."""
     pytest.importorskip("matplotlib")
+    from PIL import Image
+
     path = report.chart(result, tmp_path / "chart.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 600 and image.height == 480  # 4 in at 120 dpi
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 10
 
 
 def _slower(result, backend, factor):
@@ -151,7 +156,61 @@ def test_sdxl_bench_runs_beside_diffusers_sdxl_pipeline(tmp_path, monkeypatch):
         assert row["unet_flops"] == unet_flops(preset("tiny-sdxl").unet, 2, 8, 8)
 
 
+def test_options_baselines_and_rows_saved_as_they_finish(sd1):
+    """Backend options in the spec reach the backend and label the row; the compiled baseline (traced only here)
+    gives every row a second speed-up; the report is handed over after each backend, valid at every point."""
+    settings = Settings(backends=("triton:kernels=off:cuda_graph=off", "compile"), compiled_baseline=True,
+                        compiler="eager", compile_mode="reduce-overhead", steps=1, warmup=0, repeat=1,
+                        device="cpu", dtype="fp32", peak="0.5")
+    saved = []
+    final = run(sd1.path, settings, progress=False, on_rows=lambda r: saved.append(copy.deepcopy(r)))
+    assert [[row["backend"] for row in r["rows"]] for r in saved] == [
+        ["diffusers"], ["diffusers", "diffusers-compile"], ["diffusers", "diffusers-compile",
+                                                            "triton:kernels=off:cuda_graph=off"]]
+    for partial in saved:
+        jsonschema.validate(partial, report.SCHEMA)
+        assert partial["complete"] is False
+    jsonschema.validate(final, report.SCHEMA)
+    assert final["complete"] is True and len(final["rows"]) == 4
+    assert all(row["status"] == "ok" for row in final["rows"]), [row["reason"] for row in final["rows"]]
+    assert final["peak"] == {"tflops": 0.5, "source": "measured earlier in this run (0.5 TFLOP/s, given as --peak)"}
+    compiled = _row(final, "diffusers-compile")["latency_ms"]
+    for row in final["rows"]:
+        assert row["speedup_compiled"] == pytest.approx(
+            {k: compiled[k]["p50"] / row["latency_ms"][k]["p50"] for k in ("step", "end_to_end")})
+        assert row["fraction_of_peak"] == pytest.approx(row["unet_tflops"] / 0.5)
+    assert "| speed-up over diffusers-compile |" in report.markdown(final)
+
+
+def test_speedups_need_their_baseline_at_the_same_shape():
+    def row(backend, step, batch=1, status="ok"):
+        stats = {"p50": step}
+        return {"backend": backend, "width": 64, "height": 64, "batch": batch, "status": status,
+                "unet_tflops": 1.0, "latency_ms": {"step": stats, "end_to_end": {"p50": 10 * step}}}
+
+    rows = [row("diffusers", 4.0), row("diffusers-compile", 2.0), row("triton", 1.0), row("triton", 1.0, batch=4),
+            row("torch", 3.0, status="failed")]
+    add_speedups(rows, Peak("gpu", 2.0, "test"))
+    assert rows[2]["speedup"] == {"step": 4.0, "end_to_end": 4.0}
+    assert rows[2]["speedup_compiled"] == {"step": 2.0, "end_to_end": 2.0}
+    assert rows[2]["fraction_of_peak"] == 0.5
+    assert rows[3]["speedup"] is None and rows[3]["speedup_compiled"] is None  # no baseline at batch 4
+    assert "speedup" not in rows[4]  # a failed row has no figures
+
+
+def test_backend_specs():
+    assert parse_backend("torch") == ("torch", {})
+    assert parse_backend("triton:kernels=off:autotune=full:cuda_graph=true") == (
+        "triton", {"kernels": False, "autotune": "full", "cuda_graph": True})
+    assert parse_backend("compile:mode=reduce-overhead") == ("compile", {"mode": "reduce-overhead"})
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--backends", "triton:kernels"], "options are written NAME:OPTION=VALUE (e.g. triton:kernels=off), not 'kernels'"),
+    (["--backends", "diffusers-compile"], "--compiled-baseline adds diffusers-compile"),
+    (["--compile-mode", "fast"], "compile mode 'fast': choose one of default, reduce-overhead"),
+    (["--peak", "-3"], "peak '-3': use datasheet, measure, or a positive number of TFLOP/s"),
+    (["--peak", "inf"], "peak 'inf'"),
     (["--sizes", "500"], "size 500x500 is not a positive multiple of 8"),
     (["--sizes", "big"], "--sizes 'big'"),
     (["--steps", "0"], "need steps >= 1"),

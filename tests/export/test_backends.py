@@ -85,7 +85,9 @@ def test_bad_backend_requests(sd1, sd1_onnx):
     with pytest.raises(ValueError, match="the torch backend takes no options"):
         sdfast.load(sd1.path, cache="/tmp")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
-        with pytest.raises(ValueError, match="no CUDA provider: pip install onnxruntime-gpu"):
+        with pytest.raises(ValueError, match=r"no CUDA provider; available providers: .*; installed: onnxruntime "
+                                             r".*Fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                                             r"onnxruntime-gpu"):
             providers_for(torch.device("cuda"))
 
 

@@ -39,6 +39,19 @@ def test_triton_backend_equals_torch(sd1, expected):
     assert _same_images(result, expected)
 
 
+def test_triton_backend_without_kernels_keeps_torch_ops_at_the_seams(sd1, expected):
+    """kernels=False: the backend's other steps (fused QKV, channels-last, CUDA graphs on a GPU) over torch's own
+    GroupNorm and attention, so a benchmark can tell the kernels' share from the rest."""
+    pytest.importorskip("triton", reason="Triton is not installed: pip install triton")
+    pipe = sdfast.load(sd1.path, device=DEVICE, dtype="fp32", backend="triton", kernels=False, cuda_graph=False)
+    block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert isinstance(block.attn1, FusedSelfAttention)
+    assert all(m.kernel is torch_group_norm for m in pipe.unet.modules() if isinstance(m, GroupNorm))
+    assert block.attn2.kernel is torch_attention
+    result = pipe.generate(**ARGS)
+    assert rel_err(result.latents, expected.latents) < 1e-5
+
+
 def test_prepare_keeps_the_checkpoint_names_and_values(sd1):
     """Fusing QKV at apply time leaves state_dict() as loaded: same keys, same tensors (to_q/k/v are views)."""
     pipe = sdfast.load(sd1.path)
@@ -67,6 +80,7 @@ def test_compile_backend_equals_torch(sd1, expected):
     ("triton", dict(graphs=True), r"no option\(s\) \['graphs'\]"),
     ("compile", dict(fullgraph=False), r"no option\(s\) \['fullgraph'\]"),
     ("triton", dict(cache="x"), "exports nothing"),
+    ("triton", dict(autotune="fast"), r"autotune='fast': choose 'quick' .* or 'full'"),
 ])
 def test_bad_options_are_named(sd1, backend, options, message):
     if backend == "triton":
@@ -87,7 +101,9 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(sd1, monkeypatch):
 def test_gpu_fp16_equals_torch(sd1, backend):
     """fp16 on the GPU (the backends' default dtype there), CUDA graphs on, two sizes (two captured graphs)."""
     reference = sdfast.load(sd1.path, device="cuda", dtype="fp16")
-    pipe = sdfast.load(sd1.path, device="cuda", backend=backend)
+    # Inductor with CUDA graphs, without max-autotune's GEMM template search (minutes, even on this tiny model)
+    options = dict(mode="reduce-overhead") if backend == "compile" else {}
+    pipe = sdfast.load(sd1.path, device="cuda", backend=backend, **options)
     assert pipe.dtype == torch.float16
     if backend == "triton":
         assert isinstance(pipe.unet, CudaGraphUNet)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU machine's versions, on CPU: runs the Triton kernel tests (in Triton's CPU interpreter) and the backend
+# tests in a virtual environment with the GPU image's torch 2.11 / triton 3.6 / numpy < 2.4 (Triton 3.6's
+# interpreter breaks on numpy >= 2.4), so that code which only works on CI's newer torch / triton fails here, not
+# on the GPU. Builds the environment once and reuses it while it holds the right versions.
+#
+#   bash benchmarks/gpu/compat.sh                # tests/kernels + tests/export/test_backends.py
+#   bash benchmarks/gpu/compat.sh tests/test_sdxl_pipeline.py -k fp16   # any other pytest arguments instead
+#
+# SDFAST_COMPAT_VENV: where the environment lives (default /tmp/sdfast-compat-venv; ~5 GB: the CUDA torch wheel).
+# SDFAST_COMPAT_PYTHON: the interpreter that creates it (default python3; the GPU machine runs 3.12).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+VENV=${SDFAST_COMPAT_VENV:-/tmp/sdfast-compat-venv}
+PYTHON=${SDFAST_COMPAT_PYTHON:-python3}
+# The GPU image's versions (torch 2.11.0+cu130 brings triton 3.6.0; its numpy 2.5.2 breaks Triton 3.6's interpreter,
+# which the GPU never uses; diffusers 0.42.1 and onnxslim 0.1.98 are what benchmarks/gpu/wheels.sh carries there).
+# pip resolves torch==2.11.0 to the CUDA build: it runs on CPU as well.
+PINS=(torch==2.11.0 triton==3.6.0 "numpy<2.4" transformers==5.17.0 diffusers==0.42.1 huggingface-hub==1.33.0
+      tokenizers==0.23.2 safetensors==0.8.0 onnx==1.23.1 onnxruntime==1.30.0 onnxscript==0.7.2 onnxslim==0.1.98)
+# The rest of sdfast's run-time dependencies, pytest (the image has pytest 8 or 9; any will do here), and what the
+# rehearsal of benchmarks/gpu/run.sh uses in this environment (the image has pytest-benchmark and matplotlib; the
+# schema check is the rehearsal's own).
+# setuptools >= 70.1 builds the editable install without build isolation (the rehearsal's setup stage, as on the GPU).
+DEPS=(pillow tqdm pytest pytest-benchmark matplotlib jsonschema "setuptools>=70.1")
+PY="$VENV/bin/python"
+
+ready() {  # the environment holds the pinned versions, every dependency, and this checkout's sdfast (editable)
+    [[ -x "$PY" ]] && "$PY" - "${PINS[@]}" "${DEPS[@]}" <<'EOF' 2>/dev/null
+import importlib.metadata as md, os, sys
+from packaging.requirements import Requirement
+for spec in sys.argv[1:]:
+    req = Requirement(spec)
+    assert req.specifier.contains(md.version(req.name).split("+")[0], prereleases=True), spec
+import sdfast, sdfast.kernels
+assert os.path.samefile(os.path.dirname(sdfast.__file__), "sdfast")
+assert os.path.samefile(os.path.dirname(sdfast.kernels.__file__), "kernels")
+EOF
+}
+
+start=$SECONDS
+if ! ready; then
+    echo "compat: building $VENV (a new one downloads the 4.7 GB CUDA torch 2.11 wheel and its libraries)" >&2
+    [[ -x "$PY" ]] || "$PYTHON" -m venv "$VENV"
+    pip=("$PY" -m pip install --quiet --disable-pip-version-check)
+    "${pip[@]}" --upgrade pip packaging
+    "${pip[@]}" "${PINS[@]}" "${DEPS[@]}"
+    "${pip[@]}" --no-deps -e .
+    ready || { echo "compat: $VENV still lacks the pinned versions or this checkout's sdfast" >&2; exit 1; }
+    echo "compat: environment ready in $((SECONDS - start)) s" >&2
+fi
+
+"$PY" - <<'EOF'
+import platform, importlib.metadata as md
+names = ["torch", "triton", "numpy", "transformers", "diffusers", "onnx", "onnxruntime", "onnxscript", "onnxslim"]
+print("compat: python " + platform.python_version() + ", " + ", ".join(f"{n} {md.version(n)}" for n in names))
+EOF
+
+(($#)) || set -- tests/kernels tests/export/test_backends.py
+start=$SECONDS
+TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider "$@"
+echo "compat: tests passed in $((SECONDS - start)) s" >&2
