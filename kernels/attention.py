@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sdfast.models.layers import attention as torch_attention
+
 from . import interpreted, tuning
 
 MAX_HEAD_DIM = 256  # a (BLOCK_M, 256) fp32 accumulator is the most one program holds in registers
@@ -161,11 +163,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Plain torch, all in fp32 (the kernel with ``upcast``; without it only P is rounded), cast to q's dtype."""
-    bsz, n, inner = q.shape
-    d = inner // heads
-    qf = q.float().view(bsz, n, heads, d).transpose(1, 2)  # (B, H, N, D)
-    kf = k.float().view(bsz, -1, heads, d).transpose(1, 2)  # (B, H, M, D)
-    vf = v.float().view(bsz, -1, heads, d).transpose(1, 2)  # (B, H, M, D)
-    probs = torch.softmax(qf @ kf.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, H, N, M)
-    return (probs @ vf).transpose(1, 2).reshape(bsz, n, inner).to(q.dtype)
+    """The torch seam (``sdfast.models.layers.attention``) all in fp32 (the kernel with ``upcast``; without it only
+    P is rounded), cast to q's dtype."""
+    return torch_attention(q.float(), k.float(), v.float(), heads).to(q.dtype)

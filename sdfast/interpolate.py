@@ -15,10 +15,7 @@ import torch
 from PIL import Image
 
 from .pipeline import Pipeline
-
-# Samplers that draw fresh noise at every step: their frames would flicker, and the noise of a plain generate()
-# call (which first draws the initial latents from the same generator) could not be replayed for the end frames.
-STOCHASTIC_SCHEDULERS = ("euler_a", "lcm")
+from .schedulers import STOCHASTIC_SCHEDULERS
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -41,7 +38,7 @@ def interpolate(pipe: Pipeline, prompt_a: str, prompt_b: str, frames: int = 8, *
     ``seed_b``, by default the same ``seed``: then only the prompt changes along the strip)."""
     if frames < 2:
         raise ValueError(f"frames={frames}: need at least 2 (the two ends)")
-    if scheduler in STOCHASTIC_SCHEDULERS:
+    if scheduler in STOCHASTIC_SCHEDULERS:  # frames would flicker; the end frames' noise could not be replayed
         raise ValueError(f"scheduler {scheduler!r} adds fresh noise at every step; interpolate with a "
                          "deterministic one (euler, ddim, dpmpp_2m, ...)")
     seed_b = seed if seed_b is None else seed_b

@@ -6,6 +6,7 @@ inputs and decodes the result.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from .schedulers import Scheduler
+from .schedulers.parameterisation import x0_at_alpha
 from .timing import Recorder
 
 # Least-squares map from SD 1.x / 2.x latent channels to RGB in [-1, 1] (rows: latent channels; the factors the
@@ -25,13 +27,24 @@ LATENT_RGB = torch.tensor([
 ])
 
 
-def guided(unet: Callable, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022). ``context`` is [negative; prompt] stacked on the batch axis
+@dataclass
+class Conditioning:
+    """What the U-Net is conditioned on, one row per U-Net batch row: [negatives; prompts] when guiding.
+    ``context`` (B', 77*K, C) is the text; ``added`` holds the model family's other inputs by the U-Net's keyword
+    names (SDXL: ``text_embeds`` (B', 1280) and ``time_ids`` (B', 6 or 5); nothing for SD 1.x / 2.x), so every
+    backend's U-Net is called the same way: ``unet(x, t, context, **added)``."""
+
+    context: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def guided(unet: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022). ``cond`` is [negative; prompt] stacked on the batch axis
     when ``scale > 1``, and the prompt alone otherwise (then the U-Net runs once, on the conditional half)."""
     if scale <= 1.0:
-        return unet(x, t, context)
-    uncond, cond = unet(torch.cat([x, x]), t, context).chunk(2)
-    return uncond + scale * (cond - uncond)
+        return unet(x, t, cond.context, **cond.added)
+    uncond, positive = unet(torch.cat([x, x]), t, cond.context, **cond.added).chunk(2)
+    return uncond + scale * (positive - uncond)
 
 
 def predicted_x0(scheduler: Scheduler, x_in: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -41,10 +54,7 @@ def predicted_x0(scheduler: Scheduler, x_in: torch.Tensor, t: torch.Tensor, out:
     output whatever the scheduler does next (epsilon or v parameterisation, DDPM eq. 15 / Salimans & Ho 2022)."""
     index = int(t.float().round().clamp(0, len(scheduler.alphas_cumprod) - 1))
     abar = scheduler.alphas_cumprod[index].to(x_in.device, torch.float32)
-    x, out = x_in.float(), out.float()
-    if scheduler.config.prediction_type == "v_prediction":
-        return abar.sqrt() * x - (1 - abar).sqrt() * out
-    return (x - (1 - abar).sqrt() * out) / abar.sqrt()
+    return x0_at_alpha(scheduler.config.prediction_type, out.float(), x_in.float(), abar)
 
 
 def latent_preview(latents: torch.Tensor, size: tuple[int, int]) -> list[Image.Image]:
@@ -62,7 +72,7 @@ def to_pil(images: torch.Tensor, size: tuple[int, int] | None = None) -> list[Im
     return pils
 
 
-def denoise(unet: Callable, scheduler: Scheduler, latents: torch.Tensor, context: torch.Tensor, *,
+def denoise(unet: Callable, scheduler: Scheduler, latents: torch.Tensor, cond: Conditioning, *,
             guidance_scale: float, start: int, generator: torch.Generator | None, recorder: Recorder,
             end: int | None = None,
             callback: Callable | None = None, preview: Callable[[int, torch.Tensor], None] | None = None,
@@ -78,7 +88,7 @@ def denoise(unet: Callable, scheduler: Scheduler, latents: torch.Tensor, context
         with recorder.span("step"):
             with recorder.span("unet"):
                 x_in = scheduler.scale_model_input(latents, index)
-                out = guided(unet, x_in, t, context, guidance_scale)
+                out = guided(unet, x_in, t, cond, guidance_scale)
             with recorder.span("scheduler"):
                 latents = scheduler.step(out, index, latents, generator)
         if preview is not None and preview_every and (step % preview_every == 0 or step == len(timesteps)):

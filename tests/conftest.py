@@ -17,6 +17,17 @@ import torch
 
 from sdfast.tokenizer import write_clip_tokenizer
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` (optionally ``reason=...``): the test needs a CUDA device and is skipped without one,
+    saying why; ``-m gpu`` selects exactly these on a GPU machine."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU: {marker.kwargs.get('reason', 'GPU only')}"))
+
+
 # tests/kernels/ run sdfast's Triton kernels in Triton's CPU interpreter where there is no GPU. Triton reads the flag
 # when a kernel is defined, i.e. when sdfast.kernels.* is first imported, so it is set here, before any test module.
 if not torch.cuda.is_available():

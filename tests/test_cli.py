@@ -34,12 +34,12 @@ def test_img2img(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "x", "--width", "500"], "--width 500 is not a positive multiple of 8"),
-    (["generate", "x", "--scheduler", "nope"], "unknown --scheduler 'nope'"),
-    (["generate", "x", "--steps", "0"], "--steps 0: need at least 1"),
-    (["img2img", "IMG", "x", "--strength", "1.2"], "--strength 1.2 is outside [0, 1]"),
-    (["img2img", "/nonexistent.png", "x"], "input image /nonexistent.png does not exist"),
-    (["img2img", "BAD", "x"], "cannot read image"),
+    (["generate", "x", "--width", "500"], "--width/--height '500x64': not a positive multiple of 8"),
+    (["generate", "x", "--scheduler", "nope"], "--scheduler 'nope': unknown; choose one of"),
+    (["generate", "x", "--steps", "0"], "--steps 0: need an integer >= 1"),
+    (["img2img", "IMG", "x", "--strength", "1.2"], "--strength 1.2: outside [0, 1]"),
+    (["img2img", "/nonexistent.png", "x"], "IMAGE '/nonexistent.png': cannot read it: [Errno 2] No such file"),
+    (["img2img", "BAD", "x"], "cannot read it: not a picture PIL can read"),
     (["generate", "x", "--model", "/no/such/model"], "model /no/such/model does not exist"),
     (["generate", "x", "--model", "NOTSD"], "not a diffusers pipeline folder"),
     (["generate", "x", "--previews", "prev", "--preview-every", "0"], "--preview-every 0 with --previews"),

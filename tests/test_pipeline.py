@@ -176,19 +176,19 @@ def test_timings_cover_every_stage(pipes):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(width=60), r"size 60x64 is not a positive multiple of 8"),
-    (dict(scheduler="dpm_fast"), r"unknown scheduler 'dpm_fast'; choose one of"),
+    (dict(width=60), r"size='60x64': not a positive multiple of 8: use e.g. 56x64"),
+    (dict(scheduler="dpm_fast"), r"scheduler='dpm_fast': unknown; choose one of"),
     (dict(steps=0), r"steps=0: need an integer >= 1"),
-    (dict(strength=1.5, image=Image.new("RGB", (64, 64))), r"strength=1.5 is outside \[0, 1\]"),
+    (dict(strength=1.5, image=Image.new("RGB", (64, 64))), r"strength=1.5: outside \[0, 1\]"),
     (dict(strength=0.1, steps=4, image=Image.new("RGB", (64, 64))), r"leaves no denoising step"),
-    (dict(clip_skip=9), r"clip_skip=9 is out of range: use 1..4"),
-    (dict(latents=torch.zeros(1, 4, 4, 4), width=64), r"latents have shape \(1, 4, 4, 4\) but this request needs"),
-    (dict(image="/nonexistent.png"), r"cannot read image '/nonexistent.png'"),
+    (dict(clip_skip=9), r"clip_skip=9: out of range: use 1..4"),
+    (dict(latents=torch.zeros(1, 4, 4, 4), width=64), r"latents=tensor\(1, 4, 4, 4\): this request needs shape \(1, 4, 4, 8\)"),
+    (dict(image="/nonexistent.png"), r"image='/nonexistent.png': cannot read it"),
     (dict(negative_prompt=["a", "b"]), r"2 negative prompts for 1 prompts"),
     (dict(width=64.0), r"width=64.0: need an integer"),
     (dict(batch_size="2"), r"batch_size='2': need an integer"),
     (dict(guidance_scale="7"), r"guidance_scale='7': need a number"),
-    (dict(guidance_scale=float("nan")), r"guidance_scale=nan is not a finite number"),
+    (dict(guidance_scale=float("nan")), r"guidance_scale=nan: not a finite number"),
     (dict(latents=torch.zeros(1, 4, 8, 8), image=Image.new("RGB", (64, 64))), r"pass one or the other"),
 ])
 def test_bad_input_is_a_clear_error(pipes, kwargs, message):

@@ -118,7 +118,7 @@ def test_img2img_matches_diffusers(name, config, steps):
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
     begin = (steps - min(int(steps * strength), steps)) * ref.order
-    ours.set_begin_index(begin)
+    ours.start_at(begin)
     if hasattr(ref, "set_begin_index"):
         ref.set_begin_index(begin)
     noise, direction, image = tensors()
@@ -159,7 +159,6 @@ def test_set_timesteps_resets_history(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_cuda_samples_match_cpu(name):
     """Samples on the GPU with coefficients kept on the CPU, noise from a CPU generator: same as on the CPU."""
@@ -236,4 +235,4 @@ def test_begin_index_out_of_range():
     scheduler = make_scheduler("heun", SD15)
     scheduler.set_timesteps(4)  # 7 model calls
     with pytest.raises(ValueError, match="7 timesteps"):
-        scheduler.set_begin_index(7)
+        scheduler.start_at(7)

@@ -2,6 +2,7 @@
 ``StableDiffusionXLImg2ImgPipeline``) on the same tiny random weights, noise and scheduler; an original-layout single
 file loads to the same model (checked against diffusers' own converters); the VAE never hands back an overflow."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdfast
+from sdfast.bench.arch import preset
+from sdfast.request import Request
 from conftest import rel_err
 from sdfast import layouts
 
@@ -57,10 +60,15 @@ def test_txt2img_matches_diffusers(pipes, scheduler, negative):
 
 
 def test_default_size_follows_the_unet(pipes):
-    """SDXL's default is 1024 px (sample_size 128); the tiny model's sample_size 8 gives 64 px."""
-    _, pipe = pipes["base"]
-    result = pipe.generate(PROMPT, steps=1, seed=1)
-    assert result.images[0].size == (64, 64)
+    """The tiny model's sample_size 8 gives 64 px; SDXL's released sample_size 128 gives 1024 px, as a request
+    without a size is fitted to it (checked without running the 1024 px image)."""
+    ref, pipe = pipes["base"]
+    assert pipe.generate(PROMPT, steps=1, seed=1).images[0].size == (64, 64)
+    released = sdfast.load(ref.path)
+    released.unet.config = dataclasses.replace(released.unet.config, sample_size=128)
+    assert released.default_size == 1024 == preset("sdxl").size
+    assert (Request.check(PROMPT).fit(released.facts).width, Request.check(PROMPT).fit(released.facts).height) == (
+        1024, 1024)
 
 
 @pytest.mark.parametrize("negative", [
@@ -92,7 +100,7 @@ def test_clip_skip_matches_diffusers(pipes, clip_skip):
     assert context.shape == (1, 77, 80)
     assert rel_err(context, embeds) < 1e-6
     assert rel_err(ours_pooled, pooled) < 1e-6
-    with pytest.raises(ValueError, match=r"clip_skip=4 is out of range: use 1\.\.3"):
+    with pytest.raises(ValueError, match=r"clip_skip=4: out of range: use 1\.\.3"):
         pipe.encode_prompt(PROMPT, clip_skip=4)
 
 
@@ -113,7 +121,7 @@ def test_prompt_embeds_round_trip(pipes):
     direct = pipe.generate(PROMPT, steps=2, seed=5)
     given = pipe.generate(None, prompt_embeds=context, pooled_prompt_embeds=pooled, steps=2, seed=5)
     assert torch.equal(direct.latents, given.latents)
-    with pytest.raises(ValueError, match=r"needs pooled_prompt_embeds.*pooled=True"):
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds=None: an SDXL model needs them with prompt_embeds.*pooled=True"):
         pipe.generate(None, prompt_embeds=context, steps=2)
 
 
@@ -138,13 +146,13 @@ def test_base_refiner_hand_off_matches_diffusers(pipes):
 
 def test_sdxl_input_errors(pipes, sd1):
     _, pipe = pipes["base"]
-    with pytest.raises(ValueError, match=r"denoising_start continues part-denoised latents"):
+    with pytest.raises(ValueError, match=r"denoising_start=0.5: continues part-denoised latents"):
         pipe.generate(PROMPT, steps=2, denoising_start=0.5)
-    with pytest.raises(ValueError, match=r"denoising_end=1.5 is outside \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"denoising_end=1.5: outside \(0, 1\)"):
         pipe.generate(PROMPT, steps=2, denoising_end=1.5)
-    with pytest.raises(ValueError, match=r"original_size=\(64,\): need two numbers"):
+    with pytest.raises(ValueError, match=r"original_size=\[64\]: need two numbers"):
         pipe.generate(PROMPT, steps=2, original_size=(64,))
-    with pytest.raises(ValueError, match=r"target_size=\('64', 64\): need two numbers"):
+    with pytest.raises(ValueError, match=r"target_size=\['64', 64\]: need two numbers"):
         pipe.generate(PROMPT, steps=2, target_size=("64", 64))
     sd = sdfast.load(sd1.path)
     with pytest.raises(ValueError, match=r"SDXL conditioning; this is an SD 1.x / 2.x model"):

@@ -83,13 +83,13 @@ if [ "$REHEARSE" = 1 ]; then
   ROW=(--steps 1 --warmup 0 --repeat 1 --dtype fp32 --device cpu)
   COMPILE=(--compiler eager)
   KERNEL_TESTS=(tests/kernels/test_group_norm.py -k "fp32 and not sd_shapes")
-  GPU_TESTS=(-m gpu tests/kernels tests/test_schedulers.py)
+  GPU_TESTS=(-m gpu tests/backends tests/test_schedulers.py)
 else
   SD=sd15; XL=sdxl; SIZE=512; XL_SIZE=1024; BATCH=4
   ROW=(--steps 30 --warmup 2 --repeat 5 --dtype fp16 --device cuda)
   COMPILE=(--compile-mode reduce-overhead)  # max-autotune takes 4-8 minutes for SD 1.5: not in this lease
   KERNEL_TESTS=(tests/kernels)
-  GPU_TESTS=(-m gpu tests)
+  GPU_TESTS=(-m gpu tests --ignore=tests/kernels)  # tests-kernels ran those
 fi
 
 stage setup 90 bash -c "$SETUP"

@@ -1,6 +1,6 @@
 """The ``compile`` backend: ``torch.compile`` of the U-Net, the strongest PyTorch-native peer of ``triton``.
 
-The same model as the triton backend gets (``triton.prepare``: channels-last weights, fused self-attention QKV),
+The same model as the triton backend gets (``triton.prepare_modules``: channels-last weights, fused self-attention QKV),
 with torch's own ops at the seams (SDPA, ``F.group_norm``), handed to TorchInductor. ``mode="max-autotune"``
 (the default) benchmarks Triton GEMM / conv templates and wraps the step in CUDA graphs, so the comparison with the
 triton backend is like for like. Compilation happens on the first call per shape (minutes on a GPU with
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .triton import prepare
+from .triton import prepare_modules
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,15 @@ class CompileOptions:
     fuse_qkv: bool = True
 
 
-def apply(pipe, **options):
+IN_PLACE = True  # compiles the torch modules, which load() builds on the target device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on a GPU, as the triton backend it is compared with; fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def prepare(pipe, device: torch.device | None = None, **options):
     """The pipeline with a compiled U-Net (the modules are prepared in place); ``options`` are ``CompileOptions``
     fields. ``fullgraph=True``: a graph break in the U-Net is a bug to fix, not a silent slowdown."""
     names = [f.name for f in dataclasses.fields(CompileOptions)]
@@ -39,7 +47,7 @@ def apply(pipe, **options):
     if unknown:
         raise ValueError(f"the compile backend has no option(s) {unknown}; it takes {names}")
     opts = CompileOptions(**options)
-    unet = prepare(pipe.unet, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
+    unet = prepare_modules(pipe.unet, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
     mode = opts.mode if opts.compiler == "inductor" else None  # modes are Inductor's; other compilers refuse one
     compiled = torch.compile(unet, mode=mode, backend=opts.compiler, fullgraph=True, dynamic=False)
     return dataclasses.replace(pipe, unet=CompiledUNet(compiled, unet.config))

@@ -21,6 +21,8 @@ import torch
 
 from sdfast.export.onnx import HAS_ONNXRUNTIME, ExportError, cuda_provider_help, ort_session
 
+from . import exported
+
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
           "tensor(int32)": torch.int32}
@@ -131,3 +133,25 @@ def runners(folder: Path, manifest: dict, device: torch.device, *, providers: li
         providers_for(device, cuda_graph)  # a clear error before any session is made
     return {name: Session(folder / net["file"], device, providers, cuda_graph)
             for name, net in manifest["networks"].items()}
+
+
+# -- the backend interface (sdfast.backends.Backend) --
+
+IN_PLACE = False  # runs graphs exported from a CPU copy of the torch modules
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32: an on-the-fly export runs in the checkpoint's precision unless told otherwise (an export folder runs
+    in its own)."""
+    return torch.float32
+
+
+def prepare(pipe, device: torch.device, **options):
+    """``pipe`` (torch, on the CPU) on exported graphs run by ONNX Runtime on ``device``; ``options``: the
+    export's ``cache`` / ``opset`` and ``runners``' own."""
+    return exported.prepare(runners, pipe, device, **options)
+
+
+def from_folder(folder, device: torch.device, dtype: torch.dtype | None = None, **options) -> dict:
+    """A pipeline's fields from a folder written by ``sdfast export``."""
+    return exported.from_folder(runners, folder, device, dtype, **options)

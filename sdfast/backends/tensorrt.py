@@ -15,6 +15,9 @@ import torch
 from sdfast.export.tensorrt import (Engine, EngineError, Shapes, build_engines, check_shapes, check_target, covering,
                                     device_name, find_engines, flavour, tensorrt)
 
+from ..models import image_side
+from . import exported
+
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
           "int32": torch.int32, "bool": torch.bool}
 
@@ -126,7 +129,32 @@ def runners(folder: Path, manifest: dict, device: torch.device, *, build: bool =
     tensorrt()  # a clear error when no TensorRT module is installed
     check_target(device)
     if build:
-        side = manifest["configs"]["unet"]["sample_size"] * 2 ** (len(manifest["configs"]["vae"]["block_channels"]) - 1)
+        configs = manifest["configs"]
+        side = image_side(configs["unet"]["sample_size"], len(configs["vae"]["block_channels"]))
         shapes = Shapes.parse(sizes or [f"{side}x{side}"], batch or [1], prompt_chunks)
         build_engines(folder, shapes, fp16=fp16, networks=tuple(manifest["networks"]), log=lambda _: None)
     return {name: EngineSet(find_engines(folder, name), device) for name in manifest["networks"]}
+
+
+# -- the backend interface (sdfast.backends.Backend) --
+
+IN_PLACE = False  # runs graphs exported from a CPU copy of the torch modules
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32: an on-the-fly export runs in the checkpoint's precision unless told otherwise (an export folder runs
+    in its own)."""
+    return torch.float32
+
+
+def prepare(pipe, device: torch.device, **options):
+    """``pipe`` (torch, on the CPU) on exported graphs run as TensorRT engines on ``device``; ``options``: the
+    export's ``cache`` / ``opset`` and ``runners``' own (engines for ``sizes``, ``batch``, ``prompt_chunks``,
+    ``fp16``, built when missing)."""
+    options.setdefault("build", True)
+    return exported.prepare(runners, pipe, device, **options)
+
+
+def from_folder(folder, device: torch.device, dtype: torch.dtype | None = None, **options) -> dict:
+    """A pipeline's fields from a folder written by ``sdfast export``."""
+    return exported.from_folder(runners, folder, device, dtype, **options)

@@ -1,12 +1,12 @@
 """The ``triton`` backend: sdfast's Triton kernels behind the model's seams, fused QKV projections, channels-last
 weights and, on a GPU, one CUDA graph of the U-Net step per shape.
 
-A model -> model step over a loaded torch pipeline (``sdfast.load(..., backend="triton")`` calls ``apply``):
+A model -> model step over a loaded torch pipeline (``sdfast.load(..., backend="triton")`` calls ``prepare``):
 - every ``GroupNorm.kernel`` becomes ``sdfast.kernels.group_norm.group_norm`` (fp32 statistics, fused SiLU and
   time-embedding add);
 - every ``Attention.kernel`` whose head dim the kernel takes (<= 256: all U-Net heads) becomes
   ``sdfast.kernels.attention.attention`` (the VAE's single 512-wide head stays on torch's SDPA);
-- ``prepare`` (shared with the ``compile`` backend) makes the conv weights channels-last and fuses self-attention's
+- ``prepare_modules`` (shared with the ``compile`` backend) makes the conv weights channels-last and fuses self-attention's
   q / k / v projections into one GEMM;
 - ``CudaGraphUNet`` replays the U-Net from a CUDA graph captured per (latent shape, context shape, dtype).
 Each step is an option (``TritonOptions``): ``kernels=False`` keeps torch's ops at the seams, so a benchmark can
@@ -88,7 +88,7 @@ class FusedSelfAttention(Attention):
         return self.to_out[0](self.kernel(q, k, v, self.heads, self.upcast))
 
 
-def prepare(net: nn.Module, *, channels_last: bool, fuse_qkv: bool) -> nn.Module:
+def prepare_modules(net: nn.Module, *, channels_last: bool, fuse_qkv: bool) -> nn.Module:
     """The model changes both GPU backends share (in place): channels-last conv weights, fused self-attention QKV
     (a ``TransformerBlock``'s ``attn1``, diffusers' self-attention slot)."""
     if channels_last:
@@ -160,7 +160,15 @@ class CudaGraphUNet(nn.Module):
         return graph, {"x": x, "t": t, "context": context, **static}, out
 
 
-def apply(pipe, **options):
+IN_PLACE = True  # converts the torch modules, which load() builds on the target device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on a GPU (the kernels and tensor cores are built around it), fp32 elsewhere (the interpreter)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def prepare(pipe, device: torch.device | None = None, **options):
     """The pipeline with its U-Net and VAE on the Triton kernels (modules converted in place); ``options`` are
     ``TritonOptions`` fields. Needs a CUDA device, or the CPU under ``TRITON_INTERPRET=1`` (tests only: slow)."""
     from sdfast.kernels import interpreted, require, tuning
@@ -176,7 +184,7 @@ def apply(pipe, **options):
         raise ValueError(f"the triton backend runs on a CUDA GPU, not {pipe.device}: load with device='cuda' "
                          "(on a CPU, TRITON_INTERPRET=1 runs its kernels in Triton's slow interpreter, for tests)")
     for net in (pipe.unet, pipe.vae):
-        prepare(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
+        prepare_modules(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
         if opts.kernels:
             use_kernels(net, opts.autotune)
     unet = CudaGraphUNet(pipe.unet) if opts.cuda_graph and pipe.device.type == "cuda" else pipe.unet

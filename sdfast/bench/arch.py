@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
+from ..models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig, image_side
 from ..models.layers import GroupNorm
 from ..tokenizer import write_clip_tokenizer
 
@@ -44,7 +44,7 @@ class Arch:
     @property
     def size(self) -> int:
         """The image side it was trained at, in pixels: the latent side times the VAE's factor (8 for SD)."""
-        return self.unet.sample_size * 2 ** (len(self.vae.block_channels) - 1)
+        return image_side(self.unet.sample_size, len(self.vae.block_channels))
 
 
 def _heads(channels: tuple[int, ...], head_dim: int) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoint import WeightFile, read_json
 from ..layouts import infer_configs
+from ..models import image_side
 from ..schedulers import SCHEDULERS
 from ..timing import Timings, latency_stats
 from .baseline import DiffusersBaseline
@@ -138,7 +139,7 @@ def native_size(model: Path) -> tuple[int, int]:
     else:
         configs = infer_configs(WeightFile([model]).shapes())
         unet, levels = configs["unet"]["sample_size"], len(configs["vae"]["block_out_channels"])
-    side = unet * 2 ** (levels - 1)
+    side = image_side(unet, levels)
     return side, side
 
 

@@ -15,6 +15,8 @@ draws a warm-up image at batch 1 and at its largest batch before Ray Serve sends
 import asyncio
 import base64
 import dataclasses
+import hmac
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,12 +29,24 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-from .batching import Generated, default_size, engine_max_batch, generate_batch
+from .batching import Cancelled, Generated, engine_max_batch, generate_batch
 from .options import ServeOptions, is_loopback
 from .requests import GenerationRequest, RequestError, parse_request
 
 APP_NAME = "sdfast"
 MAX_BATCH_QUEUES = 64  # distinct shapes with their own batch queue per replica; further shapes run unbatched
+
+
+@dataclasses.dataclass
+class Job:
+    """A request on a replica, with what tells the device thread that no one waits for it any more."""
+
+    request: GenerationRequest
+    deadline: float | None  # time.time() past which the caller has given up
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def dropped(self) -> bool:
+        return self.cancelled.is_set() or (self.deadline is not None and time.time() > self.deadline)
 
 
 class PipelineReplica:
@@ -50,7 +64,7 @@ class PipelineReplica:
             torch.set_num_threads(max(1, int(opts.cpus_per_replica)))
         self.pipe = sdfast.load(opts.model, device="cuda" if cuda else "cpu",
                                 dtype=opts.dtype or ("fp16" if cuda else "fp32"), backend=opts.backend)
-        self.size = default_size(self.pipe)
+        self.size = (self.pipe.default_size, self.pipe.default_size)
         self.max_batch = min(opts.max_batch, engine_max_batch(self.pipe) or opts.max_batch)
         self.batch_wait_s = opts.batch_wait_s
         self.device = ThreadPoolExecutor(1, thread_name_prefix="sdfast-device")  # one call on the device at a time
@@ -65,26 +79,37 @@ class PipelineReplica:
         return {"width": self.size[0], "height": self.size[1], "max_batch": self.max_batch,
                 "device": str(self.pipe.device), "dtype": str(self.pipe.dtype).removeprefix("torch.")}
 
-    async def generate(self, request: GenerationRequest) -> dict:
+    async def generate(self, request: GenerationRequest, deadline: float | None = None) -> dict:
+        """``deadline`` (``time.time()``): when the caller stops waiting. Past it, or once the caller cancels
+        (a timeout, a client gone), the device drops this request within a step."""
         start = time.perf_counter()
-        if request.image is None:
-            request = dataclasses.replace(request, width=request.width or self.size[0],
-                                          height=request.height or self.size[1])
+        job = Job(request, deadline)
         key = request.batch_key()
-        if key is None or request.n >= self.max_batch or (key not in self.queues and
-                                                           len(self.queues) >= MAX_BATCH_QUEUES):
-            result = (await self._run([request]))[0]
-        else:
-            if key not in self.queues:
-                self.queues[key] = serve.batch(max_batch_size=self.max_batch, batch_wait_timeout_s=self.batch_wait_s,
-                                               batch_size_fn=lambda rs: sum(r.n for r in rs))(self._run)
-            result = await self.queues[key](request)
+        try:
+            if key is None or request.n >= self.max_batch or (key not in self.queues and
+                                                               len(self.queues) >= MAX_BATCH_QUEUES):
+                result = (await self._run([job]))[0]
+            else:
+                if key not in self.queues:
+                    self.queues[key] = serve.batch(max_batch_size=self.max_batch,
+                                                   batch_wait_timeout_s=self.batch_wait_s,
+                                                   batch_size_fn=lambda jobs: sum(j.request.n for j in jobs))(self._run)
+                result = await self.queues[key](job)
+        except asyncio.CancelledError:  # the caller's cancel; the device thread reads the flag after each step
+            job.cancelled.set()
+            raise
         timings = {**result.timings, "replica_ms": (time.perf_counter() - start) * 1e3}
         return {"pngs": result.pngs, "seed": result.seed, "timings": timings, "batch_images": result.batch_images,
                 **self.where}
 
-    async def _run(self, requests: list[GenerationRequest]) -> list[Generated]:
-        return await asyncio.get_running_loop().run_in_executor(self.device, generate_batch, self.pipe, requests)
+    async def _run(self, jobs: list[Job]) -> list[Generated]:
+        """One call on the device; it stops early once every job in it is dropped (batch-mates still waiting keep
+        it going)."""
+        def stop() -> bool:
+            return all(job.dropped() for job in jobs)
+
+        return await asyncio.get_running_loop().run_in_executor(self.device, generate_batch, self.pipe,
+                                                                [job.request for job in jobs], stop)
 
 
 # Defined before Front: serve.ingress captures the names the routes use when the class is made.
@@ -97,7 +122,10 @@ def _error(status: int, message: str, retry_after_s: int | None = None) -> JSONR
     return JSONResponse({"error": message}, status, headers=headers)
 
 
-api = FastAPI(title="sdfast", description="Stable Diffusion on Ray Serve: POST /v1/txt2img, /v1/img2img")
+# No /docs or /redoc: those pages fetch the schema without the API key (and their scripts from a CDN); the schema is
+# at /openapi.json behind the key.
+api = FastAPI(title="sdfast", description="Stable Diffusion on Ray Serve: POST /v1/txt2img, /v1/img2img",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.ingress(api)
@@ -109,18 +137,27 @@ class Front:
         self.options = ServeOptions(**options)
         self.model_id = model_id
         self._info: dict | None = None
+        self._info_lock = asyncio.Lock()  # a burst on a new front asks the replicas once, not once per request
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"ok": True}
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return request.app.openapi()
+
     @api.get("/v1/models")
     async def models(self, request: Request):
         if (denied := self._denied(request)) is not None:
             return denied
-        if self._info is None:
-            self._info = await self.pipeline.info.remote()
-        return {"data": [{"id": self.model_id, "backend": self.options.backend, **self._info,
+        try:
+            info = await self._model_info()
+        except RequestError as e:
+            return _error(e.status, str(e), self.options.retry_after_s)
+        return {"data": [{"id": self.model_id, "backend": self.options.backend, **info,
                           "limits": dataclasses.asdict(self.options.limits)}]}
 
     @api.post("/v1/txt2img")
@@ -135,11 +172,13 @@ class Front:
         if (denied := self._denied(request)) is not None:
             return denied
         try:
-            req = parse_request(await self._body(request), kind, self.options.limits, self.model_id)
+            body = await self._body(request)
+            info = await self._model_info()
+            req = parse_request(body, kind, self.options.limits, self.model_id, (info["width"], info["height"]))
         except RequestError as e:
-            return _error(e.status, str(e))
+            return _error(e.status, str(e), self.options.retry_after_s if e.status == 503 else None)
         for attempt in (1, 2):
-            response = self.pipeline.generate.remote(req)
+            response = self.pipeline.generate.remote(req, time.time() + self.options.request_timeout_s)
             try:
                 result = await asyncio.wait_for(_awaited(response), self.options.request_timeout_s)
                 break
@@ -152,6 +191,9 @@ class Front:
                                    "the servers are overloaded or the request is too large")
             except (RayActorError, ReplicaUnavailableError, RayTaskError) as e:
                 cause = e.cause if isinstance(e, RayTaskError) else e
+                if isinstance(cause, Cancelled):  # the replica's clock passed the deadline before ours did
+                    return _error(504, f"no answer within request_timeout_s={self.options.request_timeout_s}: "
+                                       "the servers are overloaded or the request is too large")
                 if not isinstance(cause, (RayActorError, ReplicaUnavailableError)):
                     # the pipeline refused the request (e.g. a shape no engine covers) or failed on it
                     status = 422 if isinstance(cause, ValueError) else 500
@@ -175,10 +217,24 @@ class Front:
                 return _error(403, "this server has no API key, so it answers loopback clients only: start it "
                                    "with $SDFAST_API_KEY set")
             return None
-        if request.headers.get("authorization", "") != f"Bearer {key}":
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
             return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer KEY'"}, 401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return None
+
+    async def _model_info(self) -> dict:
+        """The replicas' model (its own size fills a side a request leaves out), asked once; a 503 while no replica
+        can answer."""
+        async with self._info_lock:
+            if self._info is None:
+                try:
+                    self._info = await asyncio.wait_for(_awaited(self.pipeline.info.remote()),
+                                                        self.options.request_timeout_s)
+                except (BackPressureError, asyncio.TimeoutError, RayActorError, ReplicaUnavailableError,
+                        RayTaskError):
+                    raise RequestError(503, "no replica could describe the model yet (starting, busy or "
+                                            "replaced): retry later") from None
+        return self._info
 
     async def _body(self, request: Request) -> bytes:
         """The body, read no further than the size limit (so an oversized upload is never held in memory)."""

@@ -10,6 +10,7 @@ different batch size may change.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +28,6 @@ class Generated:
     batch_images: int  # images made by that call: this request's and its batch-mates'
 
 
-def default_size(pipe) -> tuple[int, int]:
-    """The model's own (width, height): what ``generate`` uses when no size is given."""
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return side, side
-
-
 def engine_max_batch(pipe) -> int | None:
     """The most images one call can hold on compiled engines (the largest batch in every U-Net and VAE-decoder
     optimisation profile; the U-Net sees twice the images under guidance), or None when the backend takes any."""
@@ -44,30 +39,38 @@ def engine_max_batch(pipe) -> int | None:
     return max(1, min(limits)) if limits else None
 
 
-def initial_noise(pipe, request: GenerationRequest) -> torch.Tensor:
-    """(n, C, H/8, W/8): the noise ``generate(seed=request.seed, batch_size=request.n)`` starts from."""
-    f = pipe.vae_scale_factor
-    shape = (request.n, pipe.unet.config.in_channels, request.height // f, request.width // f)
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=pipe.dtype)
+class Cancelled(Exception):
+    """No one waits for a call's images any more (cancelled, or past the deadline): it stopped early."""
 
 
-def generate_batch(pipe, requests: list[GenerationRequest]) -> list[Generated]:
-    """Run ``requests`` (one, or several with the same ``batch_key()`` and a concrete size) as one call."""
+def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], bool] | None = None) -> list[Generated]:
+    """Run ``requests`` (one, or several with the same ``batch_key()``) as one call. ``stop()`` is asked before the
+    call and after each step; once it says True, the call raises ``Cancelled`` at once (rather than return False
+    to ``generate``, which would still decode images no one will get), so the device is free within a step."""
+    def callback(step, timestep, latents):
+        if stop():
+            raise Cancelled(f"stopped after step {step}: no one waits for these images")
+
     first = requests[0]
+    if stop is not None and stop():
+        raise Cancelled("stopped before the first step: no one waits for these images")
+    hook = callback if stop is not None else None
     if len(requests) == 1:
         result = pipe.generate(first.prompt, first.negative_prompt, width=first.width, height=first.height,
                                steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
-                               seed=first.seed, batch_size=first.n, image=first.image, strength=first.strength)
+                               seed=first.seed, batch_size=first.n, image=first.image, strength=first.strength,
+                               callback=hook)
         return [Generated(_pngs(result.images), result.seed, timing_summary(result.timings), first.n)]
     keys = {r.batch_key() for r in requests}
     if len(keys) != 1 or None in keys:
         raise ValueError(f"requests with batch keys {keys} cannot share one call: group them by batch_key()")
     prompts = [r.prompt for r in requests for _ in range(r.n)]
     negatives = [r.negative_prompt for r in requests for _ in range(r.n)]
-    latents = torch.cat([initial_noise(pipe, r) for r in requests])  # (sum n, C, h, w)
+    # (sum n, C, h, w): each request's noise as generate(seed=r.seed, batch_size=r.n) draws it alone
+    latents = torch.cat([pipe.initial_noise(r.seed, r.width, r.height, r.n) for r in requests])
     result = pipe.generate(prompts, negatives, width=first.width, height=first.height, steps=first.steps,
                            guidance_scale=first.guidance, scheduler=first.scheduler, seed=first.seed,
-                           latents=latents)
+                           latents=latents, callback=hook)
     timings, pngs, out, start = timing_summary(result.timings), _pngs(result.images), [], 0
     for r in requests:
         out.append(Generated(pngs[start:start + r.n], r.seed, timings, len(prompts)))

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from .requests import Limits
 
 API_KEY_ENV = "SDFAST_API_KEY"
+# A public bind refuses shorter keys: placeholders that configs ship ("change-me", "secret") and words are guessed.
+MIN_PUBLIC_KEY_CHARS = 16
 
 
 @dataclass
@@ -47,7 +49,7 @@ class ServeOptions:
     def __post_init__(self):
         if isinstance(self.limits, dict):
             self.limits = Limits(**self.limits)
-        if self.api_key is None:
+        if not self.api_key:  # None or "": no key given here
             self.api_key = os.environ.get(API_KEY_ENV) or None
         if self.max_ongoing_requests is None:
             self.max_ongoing_requests = 2 * self.max_batch
@@ -77,9 +79,18 @@ class ServeOptions:
                              f"{self.max_batch}: a replica could never fill a batch")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests={self.max_queued_requests}: need >= 0 (a bounded queue)")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
+                                             and self.api_key == self.api_key.strip()):
+            raise ValueError(f"the API key (${API_KEY_ENV}) holds what an HTTP header cannot carry (a character that "
+                             "is not printable ASCII, or spaces at an end): use e.g. the output of "
+                             "`openssl rand -hex 32`")
         if not is_loopback(self.host) and not self.api_key:
             raise ValueError(f"binding to {self.host} exposes the server beyond this machine: set an API key in "
                              f"${API_KEY_ENV} (clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1")
+        if not is_loopback(self.host) and len(self.api_key) < MIN_PUBLIC_KEY_CHARS:
+            raise ValueError(f"binding to {self.host} with an API key of {len(self.api_key)} characters, which anyone "
+                             f"may guess (placeholders such as 'change-me' too): set ${API_KEY_ENV} to a secret of at "
+                             f"least {MIN_PUBLIC_KEY_CHARS} random characters, e.g. `openssl rand -hex 32`")
 
 
 def is_loopback(host: str) -> bool:

@@ -17,8 +17,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..interpolate import STOCHASTIC_SCHEDULERS
-from ..schedulers import SCHEDULERS
+from ..request import MAX_SEED, to_rgb
+from ..schedulers import SCHEDULERS, STOCHASTIC_SCHEDULERS
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the only decoders an upload reaches
+LONGEST_INT = 40  # digits (and sign) of the longest JSON integer read as a number; longer ones fail every limit
+SHOWN_CHARS = 40  # of a client's value in a message
 
 
 class RequestError(ValueError):
@@ -35,6 +39,7 @@ class Limits:
     refuse requests that would hold a replica for minutes or exhaust its memory."""
 
     max_pixels: int = 1024 * 1024  # width x height of the output; SD 1.5 runs at 512x512 = 262,144
+    max_side: int = 4096  # each side of the output: a 64x16384 strip fits max_pixels but no model draws it well
     max_steps: int = 150  # a 150-step SD 1.5 image is ~1.5 s on an H100; more buys nothing visible
     max_images: int = 4  # images per request ("n"); the batcher may still group several requests
     max_prompt_chars: int = 2000  # CLIP reads 77 tokens (~300 characters); the rest is cut, so longer is a mistake
@@ -70,8 +75,8 @@ class GenerationRequest:
     negative_prompt: str
     steps: int
     guidance: float
-    width: int | None  # None: the model's own size
-    height: int | None
+    width: int  # of the output: as asked, else the model's own size (txt2img) or the input's (img2img)
+    height: int
     seed: int
     scheduler: str
     n: int  # images for this prompt
@@ -89,36 +94,51 @@ class GenerationRequest:
         return (self.width, self.height, self.steps, self.scheduler, float(self.guidance))
 
 
-def parse_request(body: bytes, kind: str, limits: Limits, model_id: str) -> GenerationRequest:
+def parse_request(body: bytes, kind: str, limits: Limits, model_id: str, size: tuple[int, int]) -> GenerationRequest:
     """``body`` (JSON) of a ``kind`` ("txt2img" or "img2img") request, checked against ``limits``; ``model_id`` is
-    the one model this server runs (a request may name it, and nothing else)."""
+    the one model this server runs (a request may name it, and nothing else), ``size`` its own (width, height),
+    which fills a side a txt2img request leaves out."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"request body of {len(body)} bytes is over the limit max_body_bytes="
                                 f"{limits.max_body_bytes}: send a smaller image")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(422, f"the body is not JSON ({e}): send a JSON object such as "
                                 '{"prompt": "a red circle"}') from None
+    except RecursionError:
+        raise RequestError(422, 'JSON nested too deep: send a flat JSON object such as {"prompt": "a red circle"}') \
+            from None
     if not isinstance(data, dict):
         raise RequestError(422, "the body must be a JSON object such as {\"prompt\": \"a red circle\"}")
     allowed = [f for f in FIELDS if kind == "img2img" or f not in IMG2IMG_ONLY]
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise RequestError(422, f"unknown field(s) {', '.join(map(repr, unknown))} for {kind}: the fields are "
-                                f"{', '.join(allowed)}")
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise RequestError(422, f"unknown field(s) {', '.join(map(_show, unknown[:3]))}{more} for {kind}: the "
+                                f"fields are {', '.join(allowed)}")
     values = {}
     for name in allowed:
         types, default = FIELDS[name]
-        value = data.get(name, default)
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+        value = data.get(name)
+        if value is None:  # absent or null
+            value = default
+        elif not isinstance(value, types) or isinstance(value, bool):
             expected = types.__name__ if isinstance(types, type) else "a number"
-            raise RequestError(422, f"field {name!r} must be {expected}, not {type(value).__name__}")
+            shown = "" if isinstance(value, (dict, list)) else f" ({_show(value)})"
+            raise RequestError(422, f"field {name!r} must be {expected}, not {_type_name(value)}{shown}")
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as e:  # a lone surrogate ("\udcff"): not text the tokenizer can read
+                raise RequestError(422, f"field {name!r} holds {value[e.start]!r} at index {e.start}, a lone "
+                                        "surrogate that is no Unicode character: send UTF-8 text") from None
         values[name] = value
-    return _check(values, kind, limits, model_id)
+    return _check(values, kind, limits, model_id, size)
 
 
-def _check(v: dict, kind: str, limits: Limits, model_id: str) -> GenerationRequest:
+def _check(v: dict, kind: str, limits: Limits, model_id: str, size: tuple[int, int]) -> GenerationRequest:
+    """The limits, cheapest first: an upload's pixels are decoded last, once its header's size has passed."""
     def fail(message: str):
         raise RequestError(422, message)
 
@@ -129,7 +149,7 @@ def _check(v: dict, kind: str, limits: Limits, model_id: str) -> GenerationReque
             fail(f"{name} of {len(v[name])} characters is over the limit max_prompt_chars={limits.max_prompt_chars}"
                  " (CLIP reads the first 77 tokens): shorten it")
     if v["model"] is not None and v["model"] != model_id:
-        fail(f"model {v['model']!r} is not served here: this server runs {model_id!r} (GET /v1/models)")
+        fail(f"model {_show(v['model'])} is not served here: this server runs {model_id!r} (GET /v1/models)")
     if not 1 <= v["steps"] <= limits.max_steps:
         fail(f"steps={v['steps']} is outside 1..{limits.max_steps} (limit max_steps)")
     if not 1 <= v["n"] <= limits.max_images:
@@ -139,48 +159,101 @@ def _check(v: dict, kind: str, limits: Limits, model_id: str) -> GenerationReque
     for name in ("width", "height"):
         if v[name] is not None and (v[name] <= 0 or v[name] % 8):
             fail(f"{name}={v[name]} is not a positive multiple of 8")
-    if v["width"] and v["height"] and v["width"] * v["height"] > limits.max_pixels:
-        fail(f"{v['width']}x{v['height']} is {v['width'] * v['height']} pixels, over the limit max_pixels="
-             f"{limits.max_pixels}: ask for a smaller size")
+        if v[name] is not None and v[name] > limits.max_side:
+            fail(f"{name}={v[name]} is over the limit max_side={limits.max_side}: ask for a smaller size")
     if v["scheduler"] not in SCHEDULERS:
-        fail(f"unknown scheduler {v['scheduler']!r}; choose one of {', '.join(sorted(SCHEDULERS))}")
+        fail(f"unknown scheduler {_show(v['scheduler'])}; choose one of {', '.join(sorted(SCHEDULERS))}")
     if v["output"] not in ("json", "png"):
-        fail(f"output={v['output']!r}: use 'json' (base64 images, seed, timings) or 'png' (one image's bytes)")
+        fail(f"output={_show(v['output'])}: use 'json' (base64 images, seed, timings) or 'png' (one image's bytes)")
     if v["output"] == "png" and v["n"] != 1:
         fail(f"output='png' returns one image but n={v['n']}: ask for output='json' to get several")
-    seed = v["seed"] if v["seed"] is not None else random.randrange(2**63)
-    if not 0 <= seed < 2**63:
-        fail(f"seed={seed} is outside 0..2**63-1")
+    seed = v["seed"] if v["seed"] is not None else random.randrange(MAX_SEED + 1)
+    if not 0 <= seed <= MAX_SEED:  # sdfast.request.MAX_SEED says why: larger seeds repeat smaller ones' pictures
+        fail(f"seed={seed} is outside 0..{MAX_SEED} (2**32 - 1): send a non-negative integer below 2**32, or none "
+             "for a drawn one")
     image, strength = None, 0.8
     if kind == "img2img":
         if v["image"] is None:
-            fail("field 'image' is required for img2img: the input picture as base64 (PNG or JPEG bytes)")
-        image = _decode_image(v["image"], limits)
+            fail("field 'image' is required for img2img: the input picture as base64 (PNG, JPEG or WebP bytes)")
+        if not 0.0 <= v["strength"] <= 1.0:
+            fail(f"strength={v['strength']} is outside [0, 1]")
         strength = float(v["strength"])
-        if not 0.0 <= strength <= 1.0:
-            fail(f"strength={strength} is outside [0, 1]")
+        image = _open_image(v["image"], limits)
+        origin = "the input's size"  # img2img keeps it unless told otherwise
         width, height = v["width"] or image.width // 8 * 8, v["height"] or image.height // 8 * 8
-        if width * height > limits.max_pixels:  # img2img keeps the input's size unless told otherwise
-            fail(f"img2img output {width}x{height} is {width * height} pixels, over the limit max_pixels="
-                 f"{limits.max_pixels}: pass a smaller width and height, or a smaller image")
-    return GenerationRequest(v["prompt"], v["negative_prompt"], v["steps"], float(v["guidance"]), v["width"],
-                             v["height"], seed, v["scheduler"], v["n"], v["output"], image, strength)
+    else:
+        origin = "the model's own size"
+        width, height = v["width"] or size[0], v["height"] or size[1]
+    filled = " and ".join(name for name in ("width", "height") if v[name] is None)
+    shape = f"{width}x{height}" + (f" ({filled}: {origin})" if filled else "")
+    if min(width, height) < 8:
+        fail(f"output {shape} has a side under 8 pixels: pass width and height, or send a larger image")
+    if max(width, height) > limits.max_side:
+        fail(f"output {shape} has a side over the limit max_side={limits.max_side}: pass a smaller width and height")
+    if width * height > limits.max_pixels:
+        fail(f"{shape} is {width * height} pixels, over the limit max_pixels={limits.max_pixels}: ask for a smaller "
+             "size")
+    if image is not None:
+        image = _rgb(image)
+    return GenerationRequest(v["prompt"], v["negative_prompt"], v["steps"], float(v["guidance"]), width, height,
+                             seed, v["scheduler"], v["n"], v["output"], image, strength)
 
 
-def _decode_image(text: str, limits: Limits) -> Image.Image:
-    """base64 -> RGB picture; the header's size is checked before any pixel is decoded."""
+def _open_image(text: str, limits: Limits) -> Image.Image:
+    """base64 -> an opened picture: its header is read and its size checked, none of its pixels decoded."""
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(422, "field 'image' is not valid base64: send the file's bytes base64-encoded") from None
     try:
-        img = Image.open(io.BytesIO(data))
-    except OSError as e:
-        raise RequestError(422, f"field 'image' is not a readable picture ({e}): send PNG or JPEG bytes") from None
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(422, "field 'image' declares a size Pillow calls a decompression bomb, far over the "
+                                f"limit max_image_pixels={limits.max_image_pixels}: downscale it first") from None
+    except Exception:  # Pillow's parsers raise many kinds of error on hostile bytes; each is the client's mistake
+        raise RequestError(422, "field 'image' is not a PNG, JPEG or WebP image (cannot identify it): send one of "
+                                "those, base64-encoded") from None
     if img.width * img.height > limits.max_image_pixels:
         raise RequestError(422, f"input image {img.width}x{img.height} is over the limit max_image_pixels="
                                 f"{limits.max_image_pixels}: downscale it first")
+    return img
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """The picture as 8-bit RGB (``sdfast.request.to_rgb``), decoded now that its header has passed."""
     try:
-        return img.convert("RGB")
-    except OSError as e:
-        raise RequestError(422, f"field 'image' does not decode ({e}): send an intact PNG or JPEG") from None
+        return to_rgb(img)
+    except Exception:  # a truncated or corrupt body behind a valid header: Pillow's decoders raise many kinds
+        raise RequestError(422, "field 'image' does not decode (truncated or corrupt): send an intact PNG, JPEG or "
+                                "WebP image") from None
+
+
+def _parse_int(text: str) -> int:
+    """A JSON integer; one of over ``LONGEST_INT`` characters is kept as a ``_LongInt`` instead of converted
+    (Python refuses over 4300 digits, and a few thousand cost quadratic time)."""
+    return int(text) if len(text) <= LONGEST_INT else _LongInt(text)
+
+
+class _LongInt(int):
+    """An integer longer than any limit: it compares as +-10**40, so every range check refuses it, and prints
+    shortened."""
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, -10**LONGEST_INT if text.startswith("-") else 10**LONGEST_INT)
+        self.text = f"{text[:12]}...({len(text.lstrip('-'))} digits)"
+        return self
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
+def _type_name(value) -> str:
+    return "int" if isinstance(value, _LongInt) else type(value).__name__
+
+
+def _show(value) -> str:
+    """A client's scalar as a message shows it: one line (``repr`` escapes newlines and lone surrogates), shortened."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 10]}...({len(text)} characters)"

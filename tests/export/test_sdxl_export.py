@@ -15,7 +15,7 @@ from conftest import rel_err
 pytest.importorskip("onnx", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 pytest.importorskip("onnxruntime", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 
-from sdfast.backends import graphs  # noqa: E402
+from sdfast.backends import exported  # noqa: E402
 from sdfast.export import onnx as export  # noqa: E402
 from sdfast.export import tensorrt as trt  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_manifest_and_graphs(sdxl_onnx, ort):
 def test_a_checkpoint_loads_on_onnxruntime_through_the_cache(sdxl, sdxl_onnx):
     """sdfast.load(checkpoint, backend="onnxruntime") finds the export of the same weights in the cache."""
     pipe = sdfast.load(sdxl.path, backend="onnxruntime", cache=sdxl_onnx.cache)
-    assert pipe.is_xl and isinstance(pipe.unet, graphs.UNet)
+    assert pipe.is_xl and isinstance(pipe.unet, exported.UNet)
     _same(pipe.generate(PROMPT, steps=2, seed=3), sdxl_onnx.torch.generate(PROMPT, steps=2, seed=3))
 
 
@@ -133,9 +133,8 @@ def test_tensorrt_builds_the_sdxl_engines(sdxl_onnx):
                                 "text_embeds": (6, 24), "time_ids": (6, 6)})
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(reason="TensorRT engines execute only on a CUDA GPU")
 @NEEDS_TRT
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines execute only on a CUDA GPU")
 def test_tensorrt_backend_matches_torch(sdxl_onnx):
     """fp32 engines (TensorRT may use TF32 for fp32 matmuls, hence 1e-2), built for the model's own size."""
     pipe = sdfast.load(sdxl_onnx.folder, backend="tensorrt", device="cuda", build=True)

@@ -20,7 +20,6 @@ if not trt.HAS_TENSORRT:
                 allow_module_level=True)
 
 SHAPES = trt.Shapes.parse(["64x64", "64x64-128x96"], [1, 2], prompt_chunks=2)
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines execute only on a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +126,7 @@ def test_timing_cache(engines, sd1_onnx):
         assert cache.name != trt.timing_cache_path(sd1_onnx.folder, {**fields, "version": "0.9"}).name
 
 
-@pytest.mark.gpu
-@CUDA
+@pytest.mark.gpu(reason="TensorRT engines execute only on a CUDA GPU")
 def test_full_tensorrt_reuses_its_timing_cache(folder_copy):
     if trt.flavour()["flavour"] != "tensorrt":
         pytest.skip("the timing cache is full TensorRT's (TensorRT-RTX does not time tactics)")
@@ -199,8 +197,7 @@ def test_the_backend_needs_a_gpu(sd1_onnx, engines):
         sdfast.load(sd1_onnx.folder, backend="tensorrt")
 
 
-@pytest.mark.gpu
-@CUDA
+@pytest.mark.gpu(reason="TensorRT engines execute only on a CUDA GPU")
 @pytest.mark.parametrize("kwargs", [{}, {"clip_skip": 2}, {"image": "img2img"}])
 def test_tensorrt_backend_matches_torch(sd1_onnx, engines, kwargs):
     """Same seed, same scheduler: the engines' latents equal the torch backend's (fp32 engines; TensorRT may use

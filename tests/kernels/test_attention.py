@@ -58,7 +58,7 @@ def test_fp16_matches_reference(case, upcast):
     assert rel_err(out, fa.attention_reference(q, k, v, case[3])) < (1e-4 if upcast else 2e-3)
 
 
-@pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong in Triton's CPU interpreter (raw uint16); GPU only")
+@pytest.mark.gpu(reason="bf16 tl.dot is wrong in Triton's CPU interpreter (raw uint16)")
 @pytest.mark.parametrize("case", CASES[:3], ids=_id)
 def test_bf16_matches_reference(case):
     q, k, v = _qkv(*case, torch.bfloat16, seed=2)
@@ -91,7 +91,7 @@ def test_reference_equals_the_model_seam():
     torch.testing.assert_close(fa.attention_reference(q, k, v, 2), seam_attention(q, k, v, 2))
 
 
-@pytest.mark.skipif(not CUDA, reason="SD-sized self-attention (4,096 tokens) is too slow for the CPU interpreter")
+@pytest.mark.gpu(reason="SD-sized self-attention (4,096 tokens) is too slow for the CPU interpreter")
 @pytest.mark.parametrize("n,heads,d", [(4096, 8, 40), (1024, 10, 64), (1024, 8, 80), (256, 8, 160), (16384, 8, 40),
                                        (4096, 10, 64), (1024, 20, 64)])  # the last two: SDXL at 1024 px
 def test_sd_shapes_on_gpu(n, heads, d):

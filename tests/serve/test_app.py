@@ -100,6 +100,8 @@ def test_models_and_health(client):
     ({"prompt": "x", "model": "/models/sd15.safetensors"}, 422, "is not served here"),
     ({"prompt": "x", "image": "AAAA"}, 422, "unknown field(s) 'image' for txt2img"),
     ({"prompt": "x", "scheduler": "nope"}, 422, "unknown scheduler"),
+    ({"prompt": "a red circle", "height": 20000, "steps": 1, "n": 4}, 422, "height=20000 is over the limit max_side"),
+    ({"prompt": "x", "seed": 2**64}, 422, "seed=18446744073709551616 is outside 0..4294967295 (2**32 - 1)"),
 ])
 def test_bad_input_gets_its_status_and_names_the_limit(client, body, status, message):
     r = client.post("/v1/txt2img", json=body)
@@ -120,7 +122,32 @@ def test_the_api_key_is_required(server, client):
         r = httpx.post(f"{url}/v1/txt2img", json={"prompt": "x", "steps": 1}, headers=headers)
         assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]
     assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/openapi.json").status_code == 401 and httpx.get(f"{url}/docs").status_code == 404
+    assert "/v1/img2img" in httpx.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()["paths"]
     assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
+
+
+def test_a_timed_out_request_frees_its_replica_within_a_step(server):
+    """One replica, one request at a time: a request of ~4 s gets its 504 at 0.5 s, and the next request is
+    answered at once, not after the first one's remaining steps."""
+    import httpx
+    from ray import serve
+
+    from sdfast.serve.app import build_app
+
+    tight = ServeOptions(model=server.model, port=server.port, max_batch=1, max_ongoing_requests=1,
+                         request_timeout_s=0.5, warmup_steps=1, cpus_per_replica=0.5)
+    serve.run(build_app(tight), name="timeout", route_prefix="/timeout")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}/timeout", timeout=60) as c:
+            slow = c.post("/v1/txt2img", json={"prompt": "x", "steps": 150, "n": 4})
+            start = time.monotonic()
+            quick = c.post("/v1/txt2img", json={"prompt": "x", "steps": 1})
+            waited = time.monotonic() - start
+    finally:
+        serve.delete("timeout")
+    assert slow.status_code == 504 and "request_timeout_s=0.5" in slow.json()["error"], slow.text
+    assert quick.status_code == 200 and waited < 2.0, (quick.text, waited)
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):

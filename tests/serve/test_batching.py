@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import sdfast
-from sdfast.serve.batching import default_size, engine_max_batch, generate_batch
+from sdfast.serve.batching import Cancelled, engine_max_batch, generate_batch
 from sdfast.serve.requests import GenerationRequest
 
 
@@ -47,6 +47,21 @@ def test_requests_of_different_shapes_are_refused_as_a_batch(pipe):
         generate_batch(pipe, [request("a", 1, scheduler="euler_a"), request("b", 2, scheduler="euler_a")])
 
 
+@pytest.mark.parametrize("requests", [[request("a red circle", 3)], [request("a", 1), request("b", 2)]],
+                         ids=["alone", "batched"])
+def test_a_stopped_call_ends_after_the_step_it_was_told_in(pipe, requests):
+    asked = []
+
+    def stop() -> bool:  # asked before the call, then after each step: True after step 2 of 4
+        asked.append(True)
+        return len(asked) > 2
+
+    with pytest.raises(Cancelled, match="stopped after step 2: no one waits for these images"):
+        generate_batch(pipe, requests, stop)
+    with pytest.raises(Cancelled, match="before the first step"):
+        generate_batch(pipe, requests, lambda: True)
+
+
 def test_timings_name_every_network(pipe):
     got = generate_batch(pipe, [request("a red circle", 3)])[0]
     assert set(got.timings) >= {"text_encoder_ms", "unet_ms", "vae_decode_ms", "total_ms"}
@@ -54,5 +69,5 @@ def test_timings_name_every_network(pipe):
 
 
 def test_sizes_and_batch_caps_of_the_torch_backend(pipe):
-    assert default_size(pipe) == (64, 64)
+    assert pipe.default_size == 64
     assert engine_max_batch(pipe) is None  # eager torch takes any batch

@@ -4,7 +4,10 @@ import asyncio
 import base64
 import io
 import json
+import struct
+import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,8 +16,9 @@ from sdfast.serve.loadtest import run_load
 from sdfast.serve.options import ServeOptions
 from sdfast.serve.requests import Limits, RequestError, parse_request
 
-LIMITS = Limits(max_pixels=128 * 128, max_steps=50, max_images=2, max_prompt_chars=40, max_body_bytes=4000,
-                max_image_pixels=64 * 64)
+LIMITS = Limits(max_pixels=128 * 128, max_side=256, max_steps=50, max_images=2, max_prompt_chars=40,
+                max_body_bytes=4000, max_image_pixels=64 * 64)
+KEY = "0123456789abcdef"  # long enough for a public bind
 
 
 def png_b64(size=(64, 64)) -> str:
@@ -23,15 +27,23 @@ def png_b64(size=(64, 64)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def parse(kind="txt2img", **fields):
-    return parse_request(json.dumps(fields).encode(), kind, LIMITS, "tiny")
+def parse(kind="txt2img", size=(64, 64), **fields):
+    return parse_request(json.dumps(fields).encode(), kind, LIMITS, "tiny", size)
+
+
+def refusal(body: bytes, kind="txt2img", limits=LIMITS, size=(64, 64)) -> RequestError:
+    with pytest.raises(RequestError) as e:
+        parse_request(body, kind, limits, "tiny", size)
+    message = str(e.value)
+    assert "\n" not in message and " object at 0x" not in message and len(message) < 300, message
+    return e.value
 
 
 def test_defaults_and_a_drawn_seed():
     a, b = parse(prompt="a red circle"), parse(prompt="a red circle")
     assert (a.steps, a.guidance, a.scheduler, a.n, a.output, a.width, a.image) == (30, 7.5, "euler", 1, "json",
-                                                                                 None, None)
-    assert 0 <= a.seed < 2**63 and a.seed != b.seed  # fixed before dispatch, so a retry redraws the same image
+                                                                                 64, None)
+    assert 0 <= a.seed < 2**32 and a.seed != b.seed  # fixed before dispatch, so a retry redraws the same image
 
 
 def test_batch_key_groups_only_what_one_call_can_hold():
@@ -60,7 +72,9 @@ def test_batch_key_groups_only_what_one_call_can_hold():
     ({"prompt": "x", "model_path": "/etc/passwd"}, 422, "unknown field(s) 'model_path'"),
     ({"prompt": "x", "image": "AAAA"}, 422, "unknown field(s) 'image' for txt2img"),
     ({"prompt": "x", "output": "png", "n": 2}, 422, "output='png' returns one image but n=2"),
-    ({"prompt": "x", "seed": -1}, 422, "seed=-1 is outside 0..2**63-1"),
+    ({"prompt": "x", "seed": -1}, 422, "seed=-1 is outside 0..4294967295 (2**32 - 1)"),
+    ({"prompt": "x", "seed": 2**64}, 422, "seed=18446744073709551616 is outside 0..4294967295 (2**32 - 1)"),
+    ({"prompt": "x", "seed": -2**63}, 422, "seed=-9223372036854775808 is outside"),  # torch: the picture of 2**63
 ])
 def test_txt2img_refusals(fields, status, message):
     with pytest.raises(RequestError, match=None) as e:
@@ -71,7 +85,8 @@ def test_txt2img_refusals(fields, status, message):
 @pytest.mark.parametrize("fields,message", [
     ({}, "field 'image' is required for img2img"),
     ({"image": "not base64!"}, "field 'image' is not valid base64"),
-    ({"image": base64.b64encode(b"not a picture").decode()}, "field 'image' is not a readable picture"),
+    ({"image": base64.b64encode(b"not a picture").decode()},
+     "field 'image' is not a PNG, JPEG or WebP image (cannot identify it)"),
     ({"image": png_b64((72, 64))}, "input image 72x64 is over the limit max_image_pixels=4096"),
     ({"image": png_b64(), "strength": 1.5}, "strength=1.5 is outside [0, 1]"),
 ])
@@ -84,7 +99,7 @@ def test_img2img_refusals(fields, message):
 def test_body_that_is_not_a_json_object():
     for body, message in ((b"{", "the body is not JSON"), (b"[1]", "must be a JSON object")):
         with pytest.raises(RequestError, match=message):
-            parse_request(body, "txt2img", LIMITS, "tiny")
+            parse_request(body, "txt2img", LIMITS, "tiny", (64, 64))
 
 
 def test_img2img_decodes_the_upload():
@@ -92,13 +107,142 @@ def test_img2img_decodes_the_upload():
     assert req.image.size == (64, 64) and req.image.mode == "RGB" and req.strength == 0.5
 
 
+@pytest.mark.parametrize("fields,size,message", [
+    ({"height": 20000, "steps": 1, "n": 2}, (64, 64), "height=20000 is over the limit max_side=256"),
+    ({"width": 264}, (64, 64), "width=264 is over the limit max_side=256"),
+    ({"height": 256}, (128, 128), "128x256 (width: the model's own size) is 32768 pixels, over the limit max_pixels"),
+    ({"width": 256}, (128, 128), "256x128 (height: the model's own size) is 32768 pixels"),
+    ({}, (256, 256), "256x256 (width and height: the model's own size) is 65536 pixels"),
+])
+def test_one_side_is_checked_with_the_models_own_filling_the_other(fields, size, message):
+    e = refusal(json.dumps({"prompt": "a red circle", **fields}).encode(), size=size)
+    assert e.status == 422 and message in str(e), str(e)
+    assert (parse(size=(64, 64), prompt="x", height=256).width, parse(size=(64, 64), prompt="x").height) == (64, 64)
+
+
+def test_the_probes_tall_strip_is_refused_under_the_default_limits():
+    body = json.dumps({"prompt": "a red circle", "height": 20000, "steps": 1, "n": 4}).encode()
+    assert "height=20000 is over the limit max_side=4096" in str(refusal(body, limits=Limits(), size=(512, 512)))
+    body = json.dumps({"prompt": "a red circle", "height": 4096}).encode()
+    assert "512x4096 (width: the model's own size) is 2097152 pixels" in str(refusal(body, limits=Limits(),
+                                                                                     size=(512, 512)))
+
+
+@pytest.mark.parametrize("body,message", [
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}",
+     "seed=999999999999...(5000 digits) is outside 0..4294967295 (2**32 - 1)"),
+    (b'{"prompt": "x", "seed": -' + b"9" * 5000 + b"}", "seed=-99999999999...(5000 digits) is outside"),
+    (b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}", "steps=999999999999...(5000 digits) is outside 1..150"),
+    (b'{"prompt": ' + b"1" * 5000 + b"}", "field 'prompt' must be str, not int (111111111111...(5000 digits))"),
+    (b'{"prompt": "x", "width": ' + b"8" * 5000 + b"}", "width=888888888888...(5000 digits) is over the limit"),
+    (b'{"prompt": "x", "guidance": ' + b"9" * 5000 + b"}", "guidance=999999999999...(5000 digits) is outside"),
+    (b'{"prompt": "x", "guidance": NaN}', "guidance=nan is outside [-1000, 1000]"),
+    (b'{"prompt": "x", "guidance": 1e999}', "guidance=inf is outside"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested too deep"),
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deep"),
+    (b'{"prompt": "\\udcff"}', r"field 'prompt' holds '\udcff' at index 0, a lone surrogate"),
+    (b'{"prompt": "x", "negative_prompt": "ok \\ud800"}', r"field 'negative_prompt' holds '\ud800' at index 3"),
+    (b'{"prompt": "x", "steps": [[1]]}', "field 'steps' must be int, not list"),
+    (b'{"prompt": "x", "model": "' + b"m" * 5000 + b'"}', "model 'mmmmmmmmmmmmmmmmmmmmmmmmmmmmm...(5002 characters)"),
+    (b'{"prompt": "x", "a": 1, "b": 2, "c": 3, "d\\n": 4}', r"unknown field(s) 'a', 'b', 'c' and 1 more for txt2img"),
+    (b"\xff\xfe\x00", "the body is not JSON"),
+], ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else "")
+def test_hostile_values_are_one_line_422s(body, message):
+    e = refusal(body, limits=Limits())
+    assert e.status == 422 and message in str(e), str(e)
+
+
+def test_seeds_are_what_torch_takes_and_null_means_the_default():
+    """0 .. 2**32 - 1: torch's CPU generator keeps a seed's low 32 bits, so a larger seed would silently repeat a
+    smaller one's picture (and a negative one wraps onto a positive one)."""
+    import torch
+
+    assert parse(prompt="x", seed=2**32 - 1).seed == 2**32 - 1 and parse(prompt="x", seed=0).seed == 0
+    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(5)),
+                       torch.randn(4, generator=torch.Generator().manual_seed(5 + 2**32)))  # why 2**32 is refused
+    req = parse(prompt="x", steps=None, guidance=None, scheduler=None, n=None, seed=None)
+    assert (req.steps, req.guidance, req.scheduler, req.n) == (30, 7.5, "euler", 1) and 0 <= req.seed < 2**32
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` and holds no pixels: what a decompression bomb shows a reader
+    before it inflates."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def image_body(data: bytes, **fields) -> bytes:
+    return json.dumps({"prompt": "x", "image": base64.b64encode(data).decode(), **fields}).encode()
+
+
+def encoded(img: Image.Image, fmt="PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data,message", [
+    (png_header(20000, 20000), "declares a size Pillow calls a decompression bomb, far over the limit "
+                               "max_image_pixels=16777216"),
+    (png_header(5000, 5000), "input image 5000x5000 is over the limit max_image_pixels=16777216"),
+    (png_header(64, 64), "field 'image' does not decode (truncated or corrupt)"),
+    (b"GIF89a" + bytes(64), "not a PNG, JPEG or WebP image (cannot identify it)"),  # a decoder no upload reaches
+    (encoded(Image.new("RGB", (5, 5))), "output 0x0 (width and height: the input's size) has a side under 8"),
+    (encoded(Image.new("RGB", (4200, 8))), "output 4200x8 (width and height: the input's size) has a side over "
+                                           "the limit max_side=4096"),
+], ids=lambda v: "" if isinstance(v, bytes) else v[:40])
+def test_an_upload_is_sized_from_its_header_before_it_decodes(data, message):
+    e = refusal(image_body(data), "img2img", limits=Limits())
+    assert e.status == 422 and message in str(e), str(e)
+
+
+@pytest.mark.parametrize("img,pixel", [
+    (Image.fromarray(np.full((64, 64), 40000, np.uint16)), (156, 156, 156)),  # "I;16": 40000 / 257, not white
+    (Image.new("RGBA", (64, 64), (200, 0, 0, 0)), (255, 255, 255)),  # transparent: the white behind it
+    (Image.new("RGBA", (64, 64), (200, 0, 0, 255)), (200, 0, 0)),
+    (Image.new("LA", (64, 64), (0, 128)), (127, 127, 127)),  # half-transparent black over white
+    (Image.new("1", (64, 64), 1), (255, 255, 255)),
+])
+def test_an_upload_becomes_the_rgb_a_viewer_shows(img, pixel):
+    req = parse_request(image_body(encoded(img)), "img2img", Limits(), "tiny", (64, 64))
+    assert req.image.mode == "RGB" and req.image.size == (64, 64)
+    assert req.image.getpixel((0, 0)) == pytest.approx(pixel, abs=1), img.mode
+
+
+def test_a_palette_upload_with_a_transparent_colour():
+    img = Image.new("P", (64, 64), 1)
+    img.putpalette([0, 0, 0, 255, 0, 0])
+    img.putpixel((1, 0), 0)
+    req = parse_request(image_body(encoded(img, transparency=1)), "img2img", Limits(), "tiny", (64, 64))
+    assert req.image.getpixel((0, 0)) == (255, 255, 255) and req.image.getpixel((1, 0)) == (0, 0, 0)
+
+
+def test_a_public_bind_refuses_a_guessable_key(monkeypatch):
+    monkeypatch.delenv("SDFAST_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="binding to 0.0.0.0 exposes the server"):
+        ServeOptions(host="0.0.0.0", api_key="")  # an empty key is no key
+    for key in ("change-me", KEY[:-1]):
+        with pytest.raises(ValueError, match=f"an API key of {len(key)} characters, which anyone may guess .* at "
+                                             "least 16 random characters"):
+            ServeOptions(host="0.0.0.0", api_key=key)
+    monkeypatch.setenv("SDFAST_API_KEY", "change-me")
+    with pytest.raises(ValueError, match="with an API key of 9 characters, which anyone may guess"):
+        ServeOptions(host="0.0.0.0")
+    assert ServeOptions(host="127.0.0.1").api_key == "change-me"  # loopback: any key, only this machine reaches it
+    with pytest.raises(ValueError, match="what an HTTP header cannot carry"):
+        ServeOptions(api_key=KEY + " ")
+
+
 def test_a_public_bind_needs_an_api_key(monkeypatch):
     monkeypatch.delenv("SDFAST_API_KEY", raising=False)
     with pytest.raises(ValueError, match=r"binding to 0.0.0.0 exposes the server .* \$SDFAST_API_KEY"):
         ServeOptions(host="0.0.0.0")
-    assert ServeOptions(host="0.0.0.0", api_key="k").api_key == "k"
-    monkeypatch.setenv("SDFAST_API_KEY", "from-env")
-    assert ServeOptions(host="::").api_key == "from-env"
+    assert ServeOptions(host="0.0.0.0", api_key=KEY).api_key == KEY
+    monkeypatch.setenv("SDFAST_API_KEY", KEY + "-env")
+    assert ServeOptions(host="::").api_key == KEY + "-env"
     assert ServeOptions(host="localhost", api_key=None).host == "localhost"
 
 
@@ -131,7 +275,7 @@ def test_the_deploy_examples_hold_valid_serve_options(monkeypatch):
     deploy = Path(__file__).parents[2] / "deploy"
     config = yaml.safe_load((deploy / "serve_config.yaml").read_text())
     service = yaml.safe_load((deploy / "rayservice.yaml").read_text())
-    monkeypatch.setenv("SDFAST_API_KEY", "k")  # both bind 0.0.0.0, so both need the key
+    monkeypatch.setenv("SDFAST_API_KEY", KEY)  # both bind 0.0.0.0, so both need the key (from the environment)
     for cfg in (config, yaml.safe_load(service["spec"]["serveConfigV2"])):
         (app,) = cfg["applications"]
         assert app["import_path"] == "sdfast.serve.app:app_builder"

@@ -1,200 +1,15 @@
-"""Noise schedulers for Stable Diffusion: tensor maths only, numerically equal to diffusers.
-
-Scope: the nine samplers SD users expect (`SCHEDULERS`), configured from an SD folder's
-`scheduler/scheduler_config.json` dict. The config supplies the model's noise schedule (betas, prediction
-type, timestep spacing, offsets); the scheduler *name* fixes the method, so method keys in the config
-(solver_order, algorithm_type, use_karras_sigmas, ...) are ignored. Unknown keys are ignored, missing keys
-take SD 1.5's values.
-
-Reference: diffusers 0.42.1, `diffusers/schedulers/scheduling_*.py` (the class named in each docstring,
-default arguments unless stated). We match its timesteps, sigmas and every step's output, including its
-float32 scalar arithmetic and where it upcasts the sample, so results agree bit for bit in our CPU tests
-(float32 and float16).
-One deliberate difference: "trailing" spacing keeps exactly n timesteps, where diffusers' float `arange`
-yields an extra timestep -1 for some n (61, 103, ...).
-
-Callers address model calls by *index* into `.timesteps` rather than by timestep value, so there is no
-hidden step counter; the multistep methods (pndm, heun, dpmpp_2m, unipc) keep the history of the current
-run, which `set_timesteps` and `set_begin_index` clear.
-"""
+"""The nine solvers: how each one steps from the model's output at one timestep to the sample at the next.
+Reference: diffusers 0.42.1, ``diffusers/schedulers/scheduling_*.py`` (the class named in each docstring)."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-# Config switches that change the maths and that sdfast does not implement; rejected rather than ignored.
-UNSUPPORTED_SWITCHES = ("thresholding", "rescale_betas_zero_snr")
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """The scheduler_config.json keys sdfast reads. Defaults are SD 1.5's config (a PNDMScheduler one)."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    trained_betas: tuple[float, ...] | None = None  # overrides the three keys above when given
-    prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False  # ddim/pndm/lcm: alpha_cumprod after the last step is 1, else alpha_cumprod[0]
-    clip_sample: bool = False  # ddim/heun/lcm clamp the predicted x0 to +-clip_sample_range
-    clip_sample_range: float = 1.0
-    original_inference_steps: int = 50  # lcm: the schedule the model was distilled on
-    timestep_scaling: float = 10.0  # lcm: scales t in the consistency boundary condition
-
-    @classmethod
-    def from_dict(cls, config: dict) -> ScheduleConfig:
-        for key in UNSUPPORTED_SWITCHES:
-            if config.get(key):
-                raise ValueError(f"scheduler config {key}={config[key]!r} is not supported by sdfast")
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if k in names}
-        if values.get("trained_betas") is not None:
-            values["trained_betas"] = tuple(values["trained_betas"])
-        return cls(**values)
-
-    def __post_init__(self):
-        for key, allowed in (
-            ("beta_schedule", BETA_SCHEDULES),
-            ("prediction_type", PREDICTION_TYPES),
-            ("timestep_spacing", TIMESTEP_SPACINGS),
-        ):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not supported; expected one of {allowed}")
-
-
-def _cosine_betas(n: int) -> Tensor:
-    """Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), each capped at 0.999."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def _betas(c: ScheduleConfig) -> Tensor:
-    if c.trained_betas is not None:
-        return torch.tensor(c.trained_betas, dtype=torch.float32)
-    if c.beta_schedule == "linear":
-        return torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float32)
-    if c.beta_schedule == "scaled_linear":
-        # Linear in sqrt(beta), as the original LDM/SD training code.
-        return torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float32) ** 2
-    return _cosine_betas(c.num_train_timesteps)
-
-
-def _randn(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
-    """Noise shaped like `like`, drawn on the generator's device then moved, as diffusers' randn_tensor does,
-    so one seeded generator yields the same numbers here and there."""
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(like.shape, generator=generator, dtype=dtype, device=device)
-    if noise.device == like.device:
-        return noise
-    if like.device.type == "cuda":  # pinned host memory: the copy does not block the host on the GPU's queue
-        return noise.pin_memory().to(like.device, non_blocking=True)
-    return noise.to(like.device)
-
-
-class Scheduler:
-    """Shared base: the training noise schedule (betas -> alphas_cumprod), timestep spacing, the API.
-
-    `alphas_cumprod` is float32 as in diffusers; per-step coefficients are 0-dim float32 tensors, which
-    multiply a sample without changing its dtype.
-    """
-
-    order = 1  # model evaluations per step (diffusers' .order)
-
-    def __init__(self, config: dict):
-        self.config = ScheduleConfig.from_dict(config)
-        self.alphas_cumprod = torch.cumprod(1.0 - _betas(self.config), dim=0)
-        # ddim/pndm/lcm: the alpha_cumprod one step past t=0 (diffusers' final_alpha_cumprod)
-        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = 0
-        self.timesteps = torch.empty(0)
-        self._cpu_timesteps = self.timesteps  # same values kept on the CPU: indexing them never syncs a GPU
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device = "cpu") -> None:
-        n_train = self.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= n_train:
-            raise ValueError(f"num_inference_steps={num_inference_steps} must be between 1 and {n_train}")
-        self._cpu_timesteps = self._make_timesteps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = self._cpu_timesteps.to(device)
-        self._reset()
-
-    def set_begin_index(self, index: int) -> None:
-        """Start a run at `.timesteps[index]` (img2img): clears the history of any previous run."""
-        if not 0 <= index < len(self.timesteps):
-            raise ValueError(f"begin index {index} is outside the {len(self.timesteps)} timesteps set")
-        self._reset()
-
-    def scale_model_input(self, sample: Tensor, index: int) -> Tensor:
-        return sample
-
-    def step(
-        self, model_output: Tensor, index: int, sample: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """The sample after model call `index`; `model_output` is the raw U-Net output (epsilon or v)."""
-        raise NotImplementedError
-
-    def add_noise(self, original: Tensor, noise: Tensor, index: int) -> Tensor:
-        """Forward process q(x_t | x_0) at timesteps[index] (Ho et al. 2020, eq. 4)."""
-        alpha_prod = self.alphas_cumprod.to(original.dtype)[self._cpu_timesteps[index]]
-        return alpha_prod**0.5 * original + (1 - alpha_prod) ** 0.5 * noise
-
-    # -- helpers for subclasses --
-
-    def _make_timesteps(self, n: int) -> Tensor:
-        """The timesteps of an n-step run, one per model call; sigma-based schedulers also set `sigmas` here."""
-        return torch.from_numpy(self._spacing(n).round().astype(np.int64))
-
-    def _reset(self) -> None:
-        """Clear per-run state; stateless schedulers have none."""
-
-    def _spacing(self, n: int, points: int | None = None) -> np.ndarray:
-        """n descending float64 timesteps (Lin et al. 2023, table 2). linspace/leading lay `points` (default n)
-        points over the training range and keep the n highest; diffusers' multistep solvers use n + 1."""
-        c, m = self.config, points or n
-        n_train = c.num_train_timesteps
-        if c.timestep_spacing == "linspace":
-            return np.linspace(0, n_train - 1, m)[::-1][:n]
-        if c.timestep_spacing == "leading":
-            return (np.arange(m) * (n_train // m)).round()[::-1][:n] + c.steps_offset
-        return (np.round(np.arange(n_train, 0, -n_train / n)) - 1)[:n]
-
-    def _alpha_prev(self, t: int) -> Tensor:
-        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
-
-    # Predicted x0 and noise from the U-Net output at cumulative alpha `alpha_prod`
-    # (v = sqrt(a) eps - sqrt(1-a) x0: Salimans & Ho 2022, sec. 4 and appendix D).
-
-    def _predicted_x0(self, out: Tensor, sample: Tensor, alpha_prod: Tensor) -> Tensor:
-        if self.config.prediction_type == "epsilon":
-            return (sample - (1 - alpha_prod) ** 0.5 * out) / alpha_prod**0.5
-        return alpha_prod**0.5 * sample - (1 - alpha_prod) ** 0.5 * out
-
-    def _predicted_eps(self, out: Tensor, sample: Tensor, alpha_prod: Tensor) -> Tensor:
-        if self.config.prediction_type == "epsilon":
-            return out
-        return alpha_prod**0.5 * out + (1 - alpha_prod) ** 0.5 * sample
-
-    def _clip(self, x0: Tensor) -> Tensor:
-        r = self.config.clip_sample_range
-        return x0.clamp(-r, r) if self.config.clip_sample else x0
-
+from .parameterisation import eps_at_alpha, x0_at_alpha, x0_at_alpha_sigma, x0_at_sigma
+from .schedule import Scheduler, noise_like
 
 class DDIM(Scheduler):
     """Deterministic DDIM, eta = 0 (Song et al. 2021, eq. 12). Reference: DDIMScheduler."""
@@ -204,8 +19,8 @@ class DDIM(Scheduler):
         # diffusers steps back a fixed N // n whatever the spacing, so we do too.
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod, alpha_prev = self.alphas_cumprod[t], self._alpha_prev(prev_t)
-        x0 = self._clip(self._predicted_x0(model_output, sample, alpha_prod))
-        eps = self._predicted_eps(model_output, sample, alpha_prod)
+        x0 = self._clip(x0_at_alpha(self.config.prediction_type, model_output, sample, alpha_prod))
+        eps = eps_at_alpha(self.config.prediction_type, model_output, sample, alpha_prod)
         return alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
 
 
@@ -253,7 +68,7 @@ class PNDM(Scheduler):
         """The transfer part phi of Liu et al. 2022 from t to prev_t. For v-prediction diffusers converts the
         combined output with the sample it steps from, which we follow."""
         alpha_prod, alpha_prev = self.alphas_cumprod[t], self._alpha_prev(prev_t)
-        eps = self._predicted_eps(out, sample, alpha_prod)
+        eps = eps_at_alpha(self.config.prediction_type, out, sample, alpha_prod)
         denom = alpha_prod * (1 - alpha_prev) ** 0.5 + (alpha_prod * (1 - alpha_prod) * alpha_prev) ** 0.5
         return (alpha_prev / alpha_prod) ** 0.5 * sample - (alpha_prev - alpha_prod) * eps / denom
 
@@ -283,7 +98,7 @@ class LCM(Scheduler):
         t = self._cpu_timesteps[index]
         last = index == len(self._cpu_timesteps) - 1
         alpha_prod = self.alphas_cumprod[t]
-        x0 = self._clip(self._predicted_x0(model_output, sample, alpha_prod))
+        x0 = self._clip(x0_at_alpha(self.config.prediction_type, model_output, sample, alpha_prod))
         # Consistency boundary condition with sigma_data = 0.5 (Song et al. 2023, consistency models, sec. 3).
         scaled_t = t * self.config.timestep_scaling
         c_skip = 0.25 / (scaled_t**2 + 0.25)
@@ -292,7 +107,7 @@ class LCM(Scheduler):
         if last:
             return denoised
         alpha_prev = self._alpha_prev(int(self._cpu_timesteps[index + 1]))
-        noise = _randn(model_output, generator, denoised.dtype)
+        noise = noise_like(model_output, generator, denoised.dtype)
         return alpha_prev.sqrt() * denoised + (1 - alpha_prev).sqrt() * noise
 
 
@@ -320,9 +135,7 @@ class _SigmaScheduler(Scheduler):
         return original + noise * self.sigmas.to(original.dtype)[index]
 
     def _x0(self, out: Tensor, sample: Tensor, sigma: Tensor) -> Tensor:
-        if self.config.prediction_type == "epsilon":
-            return sample - sigma * out
-        return out * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        return x0_at_sigma(self.config.prediction_type, out, sample, sigma)
 
 
 class Euler(_SigmaScheduler):
@@ -349,7 +162,7 @@ class EulerAncestral(_SigmaScheduler):
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
         # Drawn on the last step too (where sigma_up = 0), as diffusers does, to keep generator streams aligned.
-        noise = _randn(model_output, generator, model_output.dtype)
+        noise = noise_like(model_output, generator, model_output.dtype)
         return (prev + noise * sigma_up).to(model_output.dtype)
 
 
@@ -423,9 +236,7 @@ class _MultistepScheduler(Scheduler):
 
     def _x0(self, out: Tensor, sample: Tensor, index: int) -> Tensor:
         alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
-        if self.config.prediction_type == "epsilon":
-            return (sample - sigma_t * out) / alpha_t
-        return alpha_t * sample - sigma_t * out
+        return x0_at_alpha_sigma(self.config.prediction_type, out, sample, alpha_t, sigma_t)
 
 
 def _karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
@@ -543,23 +354,3 @@ class UniPC(_MultistepScheduler):
         rks = torch.stack([rk, torch.ones(())])
         rhos = torch.linalg.solve(torch.stack([rks**0, rks**1]), torch.stack([b1, b2])).to(x.dtype)
         return (x_t - alpha_t * b_h * (rhos[0] * d1 + rhos[-1] * d1_t)).to(x.dtype)
-
-
-SCHEDULERS: dict[str, type[Scheduler]] = {
-    "ddim": DDIM,
-    "pndm": PNDM,
-    "euler": Euler,
-    "euler_a": EulerAncestral,
-    "heun": Heun,
-    "dpmpp_2m": DPMSolver2M,
-    "dpmpp_2m_karras": DPMSolver2MKarras,
-    "unipc": UniPC,
-    "lcm": LCM,
-}
-
-
-def make_scheduler(name: str, config: dict) -> Scheduler:
-    """The scheduler `name` configured from a scheduler_config.json dict."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name](config)

@@ -1,20 +1,25 @@
-"""The three networks over exported graphs, with the torch modules' call signatures and ``.config``.
+"""What the two export backends (``onnxruntime``, ``tensorrt``) share: the three networks over exported graphs,
+with the torch modules' call signatures and ``.config``, and the way from a checkpoint or an export folder to them.
 
 A backend supplies one ``run(inputs, outputs) -> {name: tensor}`` callable per graph (``inputs``: {name: tensor};
-``outputs``: {name: shape}, so a runner can allocate them on the device up front); the classes here turn those
-into what ``Pipeline.generate`` calls: ``text_encoder(ids, clip_skip)``, ``unet(x, t, context)`` (SDXL:
-``text_embeds`` and ``time_ids`` too),
+``outputs``: {name: shape}, so a runner can allocate them on the device up front) through its
+``runners(folder, manifest, device, **options)``; the classes here turn those into what the pipeline calls:
+``text_encoder(ids, clip_skip)``, ``unet(x, t, context)`` (SDXL: ``text_embeds`` and ``time_ids`` too),
 ``vae.encode(image, generator)`` and ``vae.decode(latents)``. Graph signatures: ``sdfast.export.onnx``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..models import CLIPTextConfig, UNetConfig, VAEConfig
+from ..checkpoint import read_json
+from ..models import CLIPTextConfig, UNetConfig, VAEConfig, image_side
 from ..models.vae import sample_posterior
+from ..tokenizer import Tokenizer
 
 Run = Callable[[dict[str, torch.Tensor], dict[str, tuple[int, ...]]], dict[str, torch.Tensor]]
 
@@ -70,7 +75,7 @@ class VAE:
 
     def __init__(self, encode: Run, decode: Run, config: VAEConfig):
         self.run_encode, self.run_decode, self.config = encode, decode, config
-        self.factor = 2 ** (len(config.block_channels) - 1)
+        self.factor = image_side(1, len(config.block_channels))  # pixels per latent cell
 
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         b, _, h, w = image.shape
@@ -87,3 +92,47 @@ class VAE:
 def config(cls, fields: dict):
     """A config dataclass from its manifest entry (JSON turned its tuples into lists)."""
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def prepare(runners: Callable, pipe, device: torch.device, *, cache: str | Path | None = None,
+            opset: int | None = None, **options):
+    """``pipe`` (torch, on the CPU) with its networks replaced by graphs run through ``runners`` on ``device``. The
+    graphs are exported once into ``cache`` (default ``$SDFAST_CACHE/onnx``) under the weights' hash and reused."""
+    from sdfast.export import onnx as export
+
+    from . import cache_dir
+
+    folder = export.cached_export(pipe, cache or cache_dir() / "onnx", opset=opset or export.DEFAULT_OPSET)
+    return dataclasses.replace(pipe, **from_folder(runners, folder, device, **options))
+
+
+def from_folder(runners: Callable, folder: str | Path, device: torch.device, dtype: torch.dtype | None = None,
+                **options) -> dict:
+    """A pipeline's fields from a folder written by ``sdfast export`` (``manifest.json``, the graphs, the tokenizer
+    and the scheduler config), its graphs run through ``runners``. ``dtype``, when given, must be the export's."""
+    from sdfast.export.onnx import read_manifest
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    exported = {"fp32": torch.float32, "fp16": torch.float16}[manifest["dtype"]]
+    if dtype is not None and dtype != exported:
+        raise ValueError(f"{folder} was exported in {manifest['dtype']}, so it runs in {exported}, not {dtype}: "
+                         "export again with `sdfast export --dtype` for another precision")
+    run = runners(folder, manifest, device, **options)
+    configs = manifest["configs"]
+    # the text encoders the model has (SD: one; SDXL: two; the SDXL refiner: the second), each with its tokenizer
+    encoders = [name for name in ("text_encoder", "text_encoder_2") if name in configs]
+    missing = [n for n in (*encoders, "unet", "vae_decoder", "vae_encoder") if n not in run]
+    if missing:
+        raise ValueError(f"{folder} lacks the {', '.join(missing)} graph(s): export all of the model's networks")
+    final_norm = manifest.get("text_final_norm", True)  # SDXL's graphs hold raw hidden states
+    text = {name: TextEncoder(run[name], config(CLIPTextConfig, configs[name]), final_norm) for name in encoders}
+    tokenizers = {name: Tokenizer.from_folder(folder / manifest[tok])
+                  for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+                  if name in encoders}
+    return dict(tokenizer=tokenizers.get("text_encoder"), text_encoder=text.get("text_encoder"),
+                unet=UNet(run["unet"], config(UNetConfig, configs["unet"])),
+                vae=VAE(run["vae_encoder"], run["vae_decoder"], config(VAEConfig, configs["vae"])),
+                scheduler_config=read_json(folder / manifest["scheduler_config"]), device=device, dtype=exported,
+                text_encoder_2=text.get("text_encoder_2"), tokenizer_2=tokenizers.get("text_encoder_2"),
+                options=manifest.get("options", {}))

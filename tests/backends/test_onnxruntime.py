@@ -70,13 +70,13 @@ def test_a_checkpoint_loads_from_the_export_cache(sd1, sd1_onnx):
     before = sorted(p.name for p in sd1_onnx.cache.iterdir())
     pipe = sdfast.load(sd1.path, backend="onnxruntime", cache=sd1_onnx.cache)
     assert sorted(p.name for p in sd1_onnx.cache.iterdir()) == before
-    assert isinstance(pipe.unet, backends.graphs.UNet)
+    assert isinstance(pipe.unet, backends.exported.UNet)
     a = pipe.generate("a cat", steps=2, seed=1)
     assert rel_err(a.latents, sd1_onnx.torch.generate("a cat", steps=2, seed=1).latents) < LATENT_TOL
 
 
 def test_bad_backend_requests(sd1, sd1_onnx):
-    with pytest.raises(ValueError, match="unknown backend 'trt'; choose one of torch, onnxruntime, tensorrt"):
+    with pytest.raises(ValueError, match="unknown backend 'trt'; choose one of torch, triton, compile, onnxruntime, tensorrt"):
         sdfast.load(sd1.path, backend="trt")
     with pytest.raises(ValueError, match="is an ONNX export .no torch weights."):
         sdfast.load(sd1_onnx.folder)
@@ -134,8 +134,7 @@ def _needs_cuda_provider():
         pytest.skip("onnxruntime-gpu is not installed")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA provider with IO binding needs a CUDA GPU")
+@pytest.mark.gpu(reason="the CUDA provider with IO binding needs a CUDA GPU")
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_cuda_provider_with_io_binding_equals_torch(sd1_onnx, cuda_graph):
     """The CUDA provider with IO binding, and with CUDA graphs (two sizes: two graphs; 4 steps: warm-up runs, the

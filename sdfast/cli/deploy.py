@@ -1,0 +1,61 @@
+"""``sdfast export`` (ONNX graphs, checked on ONNX Runtime) and ``sdfast build`` (TensorRT engines from them);
+see ``sdfast.export``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    exp = sub.add_parser("export", help="ONNX graphs of the three networks, checked on ONNX Runtime")
+    exp.set_defaults(handler=run_export)
+    exp.add_argument("model", help="diffusers folder or original-layout .safetensors/.ckpt")
+    exp.add_argument("-o", "--output", type=Path, required=True, help="folder for the graphs and manifest.json")
+    exp.add_argument("--dtype", default="fp32", help="fp32 or fp16 graphs (default fp32)")
+    exp.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: GroupNormalization)")
+    build = sub.add_parser("build", help="TensorRT engines from a folder written by `sdfast export`")
+    build.set_defaults(handler=run_build)
+    build.add_argument("folder", type=Path)
+    build.add_argument("--sizes", nargs="+", default=None,
+                       help="image sizes, one optimisation profile each: WxH or a WxH-WxH range "
+                            "(default: the model's own size)")
+    build.add_argument("--batch", nargs="+", type=int, default=[1], help="smallest and largest batch (default 1)")
+    build.add_argument("--prompt-chunks", type=int, default=1, help="77-token chunks per prompt, for long prompts")
+    build.add_argument("--fp16", action="store_true", help="fp16 engines (from an fp16 export, or full "
+                       "TensorRT's mixed precision on fp32 graphs)")
+
+
+def run_export(args) -> None:
+    import sdfast
+    from sdfast.export.onnx import export_pipeline
+
+    if args.dtype not in ("fp32", "fp16"):
+        raise ValueError(f"--dtype {args.dtype}: ONNX export writes fp32 or fp16 graphs")
+    if not Path(args.model).exists():
+        raise ValueError(f"model {args.model} does not exist")
+    start = time.perf_counter()
+    pipe = sdfast.load(args.model, device="cpu", dtype=args.dtype)
+    manifest = export_pipeline(pipe, args.output, opset=args.opset, log=print)
+    worst = max(err for net in manifest["networks"].values() for err in net["check"]["rel_err"].values())
+    print(f"{args.output}: {len(manifest['networks'])} graphs ({args.dtype}, opset {args.opset}) and manifest.json "
+          f"in {time.perf_counter() - start:.0f} s; largest relative error on ONNX Runtime {worst:.1e}")
+
+
+def run_build(args) -> None:
+    from sdfast.export.onnx import read_manifest
+    from sdfast.export.tensorrt import Shapes, build_engines, flavour, gpu
+
+    from ..models import image_side
+
+    if not args.folder.is_dir():
+        raise ValueError(f"export folder {args.folder} does not exist: run `sdfast export MODEL -o FOLDER` first")
+    configs = read_manifest(args.folder)["configs"]
+    side = image_side(configs["unet"]["sample_size"], len(configs["vae"]["block_channels"]))
+    shapes = Shapes.parse(args.sizes or [f"{side}x{side}"], args.batch, args.prompt_chunks)
+    start = time.perf_counter()
+    engines = build_engines(args.folder, shapes, fp16=args.fp16, log=print)
+    info = flavour()
+    built = sum(not e.cached for e in engines.values())
+    print(f"{args.folder / 'engines'}: {built} built, {len(engines) - built} from the cache, with "
+          f"{info['flavour']} {info['version']} (GPU: {gpu()}), in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,186 @@
+"""``sdfast generate`` (text to image), ``img2img`` and ``interpolate`` (a strip of frames morphing one prompt's
+image into another's). The command line becomes one checked ``Request`` before the model loads; its errors speak
+in flags (``FLAGS``); files are written whole or not at all (``save``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+
+def add_parsers(sub) -> None:
+    base = _base_options("out.png", "output PNG (with --batch N: out-0.png, ...)", None,
+                         "default: random (printed, to reproduce)")
+    common = argparse.ArgumentParser(add_help=False, parents=[base])
+    common.add_argument("--batch", type=int, default=1, help="images per prompt")
+    common.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer, 2 = penultimate, ...")
+    common.add_argument("--long-prompts", action="store_true", help="encode prompts over 75 tokens in chunks")
+    common.add_argument("--previews", type=Path, default=None, help="folder for step-by-step previews")
+    common.add_argument("--preview-every", type=int, default=1, help="with --previews: every N steps")
+    common.add_argument("--timings", type=Path, default=None, help="write the per-step timings as JSON here")
+    common.add_argument("--backend", default="torch", help="torch, triton, compile, onnxruntime or tensorrt "
+                        "(for the last two --model may be a folder written by `sdfast export`)")
+
+    gen = sub.add_parser("generate", parents=[common], help="text to image")
+    gen.set_defaults(handler=run)
+    gen.add_argument("prompt")
+    i2i = sub.add_parser("img2img", parents=[common], help="image to image")
+    i2i.set_defaults(handler=run)
+    i2i.add_argument("image", type=Path)
+    i2i.add_argument("prompt")
+    i2i.add_argument("--strength", type=float, default=0.8, help="0: keep the image, 1: ignore it")
+    # a fixed default seed: the same command redraws the same strip
+    inter = sub.add_parser("interpolate", parents=[_base_options("strip.png", "output PNG", 0, "noise of the first "
+                           "frame (default: 0)")], help="a strip of frames from one prompt to another")
+    inter.set_defaults(handler=run)
+    inter.add_argument("prompt_a")
+    inter.add_argument("prompt_b")
+    inter.add_argument("--frames", type=int, default=8, help="frames in the strip, both ends included")
+    inter.add_argument("--seed-b", type=int, default=None, help="noise of the last frame (default: --seed's)")
+
+
+def _base_options(output: str, output_help: str, seed: int | None, seed_help: str) -> argparse.ArgumentParser:
+    """The options every image command takes, as a parent parser. One fresh parser per command: argparse shares a
+    parent's option objects between its children, so a default set for one command would change the others'."""
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("-o", "--output", default=output, help=output_help)
+    base.add_argument("--model", default=os.environ.get("SDFAST_MODEL"),
+                      help="diffusers folder or original-layout .safetensors/.ckpt (default: $SDFAST_MODEL, "
+                           "else the shapes model that ships with sdfast)")
+    base.add_argument("--negative", default=None, help="negative prompt")
+    base.add_argument("--steps", type=int, default=30)
+    base.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    base.add_argument("--scheduler", default="euler")
+    base.add_argument("--seed", type=int, default=seed, help=seed_help)
+    base.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's size)")
+    base.add_argument("--height", type=int, default=None)
+    base.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    base.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    return base
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# A request's field -> the flag or argument that sets it, so an error speaks the command line's words.
+FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width", "height": "--height",
+         "size": "--width/--height", "steps": "--steps", "guidance_scale": "--guidance", "scheduler": "--scheduler",
+         "seed": "--seed", "batch_size": "--batch", "clip_skip": "--clip-skip", "strength": "--strength",
+         "image": "IMAGE", "preview_every": "--preview-every", "long_prompts": "--long-prompts"}
+
+
+def _request(args, callback=None):
+    """The command line as a checked ``Request``: every rule applied before the (slow) model load."""
+    from ..request import Request
+
+    if args.command == "interpolate":
+        return Request.check([args.prompt_a, args.prompt_b], args.negative, width=args.width, height=args.height,
+                             steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+                             seed=args.seed)
+    return Request.check(args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
+                         guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                         batch_size=args.batch, clip_skip=args.clip_skip, long_prompts=args.long_prompts,
+                         image=args.image if args.command == "img2img" else None,
+                         strength=getattr(args, "strength", 0.8),
+                         preview_every=args.preview_every if args.previews else 0, callback=callback)
+
+
+def _check_output(path: Path) -> None:
+    """-o names a new or existing image file (its suffix picks the format), never a folder."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"-o {path}: the file name must end in one of {', '.join(IMAGE_SUFFIXES)} (it picks the "
+                         "image format)")
+    if path.is_dir():
+        raise ValueError(f"-o {path}: is a folder; name a file in it, e.g. {path / 'out.png'}")
+
+
+def _check_args(args) -> None:
+    """What the request does not cover: the output names, interpolate's own options, the model's path."""
+    from ..schedulers import STOCHASTIC_SCHEDULERS
+
+    _check_output(Path(args.output))
+    if getattr(args, "previews", None) and args.preview_every < 1:
+        raise ValueError(f"--preview-every {args.preview_every} with --previews: need a step interval >= 1")
+    if args.command == "interpolate":
+        if args.frames < 2:
+            raise ValueError(f"--frames {args.frames}: need at least 2 (the two ends)")
+        if args.scheduler in STOCHASTIC_SCHEDULERS:
+            raise ValueError(f"--scheduler {args.scheduler} adds fresh noise at every step; interpolate with a "
+                             "deterministic one (euler, ddim, dpmpp_2m, ...)")
+    if args.model and not Path(args.model).exists():
+        raise ValueError(f"model {args.model} does not exist")
+
+
+def _outputs(path: str, n: int) -> list[Path]:
+    p = Path(path)
+    return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+
+
+def save(write, path: Path) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then renamed over it: an interrupted or failed write
+    leaves the old file as it was, and a symlink at ``path`` is replaced, never written through."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
+    save(lambda f: image.save(f, format=Image.registered_extensions()[path.suffix.lower()]), path)
+
+
+def run(args) -> None:
+    import torch
+
+    import sdfast
+
+    _check_args(args)
+    bar = None  # made once the model is loaded, so that no error line is glued to an empty progress bar
+    request = _request(args, callback=lambda step, t, latents: bar.update(1))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    exported = args.model and (Path(args.model) / "manifest.json").is_file()  # runs in its export's dtype
+    dtype = args.dtype or (None if exported else "fp16" if device.startswith("cuda") else "fp32")
+    pipe = sdfast.load(args.model or None, device=device, dtype=dtype, backend=getattr(args, "backend", "torch"))
+    if args.command == "interpolate":
+        run_interpolate(pipe, args)
+        return
+    request = request.fit(pipe.facts)  # the model's rules (size multiple, CLIP layers) before the bar shows
+    # no total: img2img and two-evaluation schedulers (heun) run a different number of model calls than --steps
+    bar = tqdm(desc="denoising", unit="step", file=sys.stderr, leave=False)
+    try:
+        result = pipe.run(request)
+    finally:
+        bar.close()
+    outputs = _outputs(args.output, len(result.images))
+    for im, path in zip(result.images, outputs):
+        _save_image(im, path)
+    if args.previews:
+        for step, images in result.previews:
+            for i, im in enumerate(images):
+                _save_image(im, args.previews / f"step{step:03d}{'' if len(images) == 1 else f'-{i}'}.png")
+    if args.timings:
+        text = json.dumps({"seed": result.seed, **result.timings.to_dict()}, indent=1).encode()
+        save(lambda f: f.write(text), args.timings)
+    print(f"{', '.join(map(str, outputs))} (seed {result.seed}): {result.timings.summary()}")
+
+
+def run_interpolate(pipe, args) -> None:
+    from ..interpolate import interpolate, strip
+
+    start = time.perf_counter()
+    frames = interpolate(pipe, args.prompt_a, args.prompt_b, args.frames, seed=args.seed, seed_b=args.seed_b,
+                         steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+                         negative_prompt=args.negative, width=args.width, height=args.height)
+    output = Path(args.output)
+    _save_image(strip(frames), output)
+    print(f"{output}: {len(frames)} frames, {args.prompt_a!r} -> {args.prompt_b!r} (seed {args.seed}"
+          f"{'' if args.seed_b is None else f', {args.seed_b}'}), {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,80 @@
+"""The denoising loop (``sdfast.sampler``) on its own, with a stand-in U-Net: guidance's arithmetic, the
+conditioning reaching every U-Net call the same way, the start / end window, the callback's stop, previews, and
+the clean-image estimate for both parameterisations."""
+
+import pytest
+import torch
+
+from sdfast.sampler import Conditioning, denoise, guided, latent_preview, predicted_x0
+from sdfast.schedulers import make_scheduler
+from sdfast.timing import Recorder
+
+CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+              steps_offset=1, timestep_spacing="leading")
+
+
+class Recording:
+    """A U-Net stand-in: returns a fixed function of its inputs and records every call's keyword inputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, context, **added):
+        self.calls.append({"batch": len(x), "t": float(t), "context": context, **added})
+        return 0.1 * x + context.mean() + sum(v.float().mean() for v in added.values())
+
+
+def test_guidance_is_uncond_plus_scale_times_the_difference():
+    x = torch.randn(2, 4, 8, 8)
+    cond = Conditioning(torch.stack([torch.zeros(1, 3), torch.ones(1, 3)]).repeat_interleave(2, 0))  # (4, 1, 3)
+
+    def unet(x2, t, context):  # the unconditional half gives 0, the conditional half 1
+        return context.mean(dim=(1, 2))[:, None, None, None].expand_as(x2)
+
+    out = guided(unet, x, torch.tensor(500), cond, 7.5)
+    assert torch.allclose(out, torch.full_like(x, 7.5))
+    assert guided(unet, x, torch.tensor(500), Conditioning(torch.ones(2, 1, 3)), 1.0).eq(1).all()  # one pass
+
+
+def test_the_added_conditioning_reaches_every_call():
+    """SDXL's text_embeds / time_ids ride in the Conditioning: the loop calls unet(x, t, context, **added)."""
+    unet, sched = Recording(), make_scheduler("euler", CONFIG)
+    start, end = sched.window(4)
+    cond = Conditioning(torch.randn(2, 77, 8), {"text_embeds": torch.randn(2, 5), "time_ids": torch.randn(2, 6)})
+    denoise(unet, sched, torch.randn(1, 4, 8, 8), cond, guidance_scale=5.0, start=start, end=end, generator=None,
+            recorder=Recorder(torch.device("cpu")))
+    assert len(unet.calls) == 4
+    assert all(c["batch"] == 2 and set(c) >= {"text_embeds", "time_ids"} for c in unet.calls)
+
+
+def test_window_callback_and_previews():
+    unet, sched = Recording(), make_scheduler("ddim", CONFIG)
+    start, end = sched.window(10, strength=0.5)
+    assert (start, end) == (5, None)
+    steps, previews = [], []
+
+    def callback(step, t, latents):
+        steps.append(step)
+        return step < 3  # stop after the third step
+
+    denoise(unet, sched, torch.randn(1, 4, 8, 8), Conditioning(torch.randn(1, 77, 8)), guidance_scale=1.0,
+            start=start, generator=None, recorder=Recorder(torch.device("cpu")), callback=callback,
+            preview=lambda step, x0: previews.append((step, x0.shape)), preview_every=2)
+    assert steps == [1, 2, 3] and [c["t"] for c in unet.calls] == [float(t) for t in sched.timesteps[5:8]]
+    assert previews == [(2, (1, 4, 8, 8))]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_predicted_x0_inverts_the_forward_process(prediction):
+    sched = make_scheduler("euler", {**CONFIG, "prediction_type": prediction})
+    x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = torch.tensor(400)
+    abar = sched.alphas_cumprod[400]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    out = eps if prediction == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    assert torch.allclose(predicted_x0(sched, x_t, t, out), x0, atol=1e-5)
+
+
+def test_latent_preview_is_one_picture_per_latent_at_the_size_asked():
+    pictures = latent_preview(torch.randn(3, 4, 8, 8), (64, 48))
+    assert [p.size for p in pictures] == [(64, 48)] * 3 and {p.mode for p in pictures} == {"RGB"}
