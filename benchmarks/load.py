@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--scheduler", default="euler")
     p.add_argument("--kill-after", type=float, default=None, help="kill one pipeline replica after S seconds")
     p.add_argument("--ray-address", default="auto", help="the server's Ray cluster, for --kill-after")
+    p.add_argument("--bad-every", type=int, default=None, help="soak: every K-th request is a careless or hostile "
+                   "one (sdfast.serve.loadtest.BAD_REQUESTS), which must be refused with a 4xx")
     p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     p.add_argument("--title", default="sdfast serve load test")
     args = p.parse_args(argv)
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     result = asyncio.run(run_load(
         args.url, requests=args.requests, concurrency=args.concurrency, duration_s=args.duration, payload=payload,
         api_key=os.environ.get("SDFAST_API_KEY"), kill_after_s=args.kill_after,
-        kill=lambda replica: kill_replica(replica, args.ray_address)))
+        kill=lambda replica: kill_replica(replica, args.ray_address), bad_every=args.bad_every))
     text = markdown(result, args.title)
     print(text)
     if args.out:

@@ -43,9 +43,8 @@ FULL_CONFIGS = _configs()
 QUICK_FALLBACK = [{"kwargs": {"TILE": 2048}, "num_warps": 4, "num_stages": 3},
                   {"kwargs": {"TILE": 2048}, "num_warps": 8, "num_stages": 3},
                   {"kwargs": {"TILE": 4096}, "num_warps": 8, "num_stages": 3}]
-QUICK_CONFIGS = tuning.quick("group_norm", FULL_CONFIGS, QUICK_FALLBACK)
 # The largest tile a config uses: a chunk's positions must be a multiple of every config's positions per tile (the
-# full list's bounds hold for the quick list too, which is drawn from it).
+# full list's bounds hold for the quick lists too, which are drawn from it).
 MAX_TILE = max(config.kwargs["TILE"] for config in FULL_CONFIGS)
 # A tile holds all of a group's channels for at least one position, so every config must fit BLOCK_C channels; wider
 # groups (over 1,024 channels on a GPU, never in SD: its widest is 1280 / 32 = 40) take the torch path.
@@ -156,14 +155,16 @@ def _group_norm_apply_kernel(
         tl.store(y_base + c[:, None] * stride_yc + p[None, :] * stride_yp, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _autotuned(kernel, key: list[str]) -> dict:
+def _autotuned(name: str, kernel, key: list[str]) -> dict:
+    """The kernel's quick and full autotuners; its quick list comes from its own saved winners (``name``)."""
+    quick = tuning.quick(name, FULL_CONFIGS, QUICK_FALLBACK)
     return {mode: triton.autotune(configs=configs, key=key)(kernel)
-            for mode, configs in (("quick", QUICK_CONFIGS), ("full", FULL_CONFIGS))}
+            for mode, configs in (("quick", quick), ("full", FULL_CONFIGS))}
 
 
 # One autotuner per kernel and list, each with its own cache of winners per key.
-_STATS = _autotuned(_group_norm_stats_kernel, ["CPG", "HW", "BLOCK_C", "HAS_SHIFT"])
-_APPLY = _autotuned(_group_norm_apply_kernel, ["CPG", "HW", "BLOCK_C", "SILU", "HAS_SHIFT"])
+_STATS = _autotuned("group_norm_stats", _group_norm_stats_kernel, ["CPG", "HW", "BLOCK_C", "HAS_SHIFT"])
+_APPLY = _autotuned("group_norm_apply", _group_norm_apply_kernel, ["CPG", "HW", "BLOCK_C", "SILU", "HAS_SHIFT"])
 AUTOTUNERS = {**{f"group_norm_stats:{mode}": tuner for mode, tuner in _STATS.items()},
               **{f"group_norm_apply:{mode}": tuner for mode, tuner in _APPLY.items()}}
 

@@ -3,9 +3,9 @@
 Triton benchmarks every config of a kernel's list on the first call per autotune key. The full lists
 (``attention``: 36 configs, ``group_norm``: 6, over every distinct shape of a U-Net) take minutes on a first call:
 too long for a short GPU session or a server's cold start. ``autotune="quick"`` runs a short list instead:
-- the configs that won any key in the results a GPU run saved under ``kernels/tuned/`` for this GPU's compute
-  capability (``sm_90.json``; ``benchmarks/gpu/run.sh`` writes them, most frequent winner first, at most
-  ``QUICK_LIMIT``);
+- the configs that won any key of a full sweep in the results a GPU run saved under ``kernels/tuned/`` for this
+  GPU's compute capability (``sm_90.json``; ``benchmarks/gpu/run.sh`` writes them, most frequent winner first, at
+  most ``QUICK_LIMIT``);
 - else a hand-picked fallback per kernel (a guess, until a run measures one).
 Both lists draw only from the full list, so a quick winner is always a config the full sweep would also try.
 
@@ -39,11 +39,12 @@ def describe(config) -> dict:
 
 
 def _measured(kernel: str, arch: str | None) -> list[dict]:
-    """The configs that won ``kernel``'s keys in the saved results for ``arch``, most frequent first."""
+    """The configs that won ``kernel``'s keys in a full sweep saved for ``arch``, most frequent first (a quick
+    list's winners only rank the quick list itself, so they are not evidence)."""
     path = TUNED / f"{arch}.json"
     if arch is None or not path.is_file():
         return []
-    entries = json.loads(path.read_text()).get("kernels", {}).get(kernel, [])
+    entries = [e for e in json.loads(path.read_text()).get("kernels", {}).get(kernel, []) if e.get("list") == "full"]
     counts = Counter(json.dumps(entry["config"], sort_keys=True) for entry in entries)
     return [json.loads(text) for text, _ in counts.most_common()]
 
@@ -66,8 +67,8 @@ def check_mode(mode: str) -> str:
 
 
 def snapshot(autotuners: dict[str, object]) -> dict:
-    """The winning config per autotune key of each named autotuner (``{"attention": _attention_full, ...}``),
-    as ``kernels/tuned/sm_XY.json`` holds them, with the GPU and versions that measured them."""
+    """The winning config per autotune key of each named autotuner (``{"attention:full": ..., ...}``: the kernel
+    before the colon, the list after), as ``kernels/tuned/sm_XY.json`` holds them, with the GPU and versions."""
     kernels: dict[str, list] = {}
     for name, tuner in autotuners.items():
         kernel = name.split(":")[0]  # "attention:quick" and "attention:full" feed one list

@@ -56,7 +56,7 @@ class Pipeline:
     tokenizer_2: Tokenizer | None = None
     options: dict = field(default_factory=dict)
     # one call at a time (run()), and the VAE's twins in other dtypes (_vae()): per pipeline, never copied over
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     _twins: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -178,6 +178,10 @@ class Pipeline:
 
         SDXL: C = 768 + 1280, the two encoders' hidden states side by side; ``clip_skip`` 1 is SDXL's own
         penultimate layer, without the final LayerNorm (diffusers' ``clip_skip=None``; N is diffusers' N - 1)."""
+        with self._lock:  # the text encoders are shared with run() (CUDA graphs, ORT bindings, engine contexts)
+            return self._encode_prompt(prompt, negative_prompt, guidance_scale, clip_skip, long_prompts, pooled)
+
+    def _encode_prompt(self, prompt, negative_prompt, guidance_scale, clip_skip, long_prompts, pooled):
         prompts = list(texts("prompt", prompt))
         negatives = list(texts("negative_prompt", negative_prompt if negative_prompt is not None else ""))
         if len(negatives) == 1:
@@ -238,7 +242,7 @@ class Pipeline:
             return latents if r.denoising_start is not None else latents * sched.init_noise_sigma
         if r.image is None:
             return self._noise(n, r, generator) * sched.init_noise_sigma
-        pixels = _image_tensor(r.image, r.width, r.height).to(self.device)
+        pixels = _image_tensor(r.image, r.width, r.height).to(self.device, self.dtype)  # rounded as diffusers does
         with recorder.span("vae_encode"):
             vae, dtype = self._vae(self._vae_dtype)
             init = vae.encode(pixels.to(dtype), generator).to(self.dtype)  # (1, 4, h, w)
@@ -306,9 +310,11 @@ class Pipeline:
         shared weights. An exported VAE runs in its own dtype."""
         if dtype == self.dtype or not isinstance(self.vae, nn.Module):
             return self.vae, self.dtype
-        twin = self._twins.get(dtype)
+        key = (id(self.vae), dtype)  # a VAE swapped in (pipe.vae = ...) gets a twin of its own
+        twin = self._twins.get(key)
         if twin is None:
-            twin = self._twins[dtype] = copy.deepcopy(self.vae).to(dtype)
+            self._twins.clear()
+            twin = self._twins[key] = copy.deepcopy(self.vae).to(dtype)
         else:
             twin.load_state_dict(self.vae.state_dict())
         return twin, dtype

@@ -147,6 +147,11 @@ class Request:
         if (prompt is None) == (prompt_embeds is None):
             raise RequestError("prompt", prompt, "pass either a prompt or prompt_embeds (from encode_prompt), not "
                                "both or neither")
+        if prompt_embeds is not None and negative_prompt is not None:
+            raise RequestError("negative_prompt", negative_prompt, "prompt_embeds hold the negatives already "
+                               "(encode_prompt(prompt, negative_prompt, ...)): leave negative_prompt out")
+        if prompt_embeds is not None and not isinstance(prompt_embeds, torch.Tensor):
+            raise RequestError("prompt_embeds", prompt_embeds, "need a tensor, as encode_prompt makes it")
         prompts = None if prompt is None else texts("prompt", prompt)
         negatives = None if negative_prompt is None else texts("negative_prompt", negative_prompt)
         if prompts is not None and negatives is not None:
@@ -174,7 +179,7 @@ class Request:
             raise RequestError("long_prompts", long_prompts, "need True or False")
         if callback is not None and not callable(callback):
             raise RequestError("callback", callback, "need a function callback(step, timestep, latents)")
-        seed = random.randrange(MAX_SEED + 1) if seed is None else _integer("seed", seed, 0, MAX_SEED)
+        seed = random.randrange(MAX_SEED + 1) if seed is None else _seed(seed)
         if latents is not None and image is not None:
             raise RequestError("latents", latents, "latents= is the initial noise of text to image; img2img "
                                "(image=) draws its own noise from the seed: pass one or the other")
@@ -193,10 +198,11 @@ class Request:
                       clip_skip, long_prompts, None if image is None else read_image(image, limits), float(strength),
                       latents, preview_every, preview_decode, callback, prompt_embeds, pooled_prompt_embeds,
                       _micro(micro), denoising_start, denoising_end, limits)
-        if prompts is not None and request.images > limits.max_images:
-            raise RequestError("batch_size", batch_size, f"{len(prompts)} prompt(s) x {batch_size} is "
-                               f"{request.images} images, over the limit of {limits.max_images} per call: make "
-                               "fewer, or raise it (limits=Limits(max_images=...))")
+        if request.images > limits.max_images:
+            rows = request.images // batch_size
+            raise RequestError("batch_size", batch_size, f"{rows} prompt(s) x {batch_size} is {request.images} "
+                               f"images, over the limit of {limits.max_images} per call: make fewer, or raise it "
+                               "(limits=Limits(max_images=...))")
         if width is not None and height is not None:
             _pixels(width, height, limits)
         return request
@@ -240,6 +246,14 @@ def _integer(name: str, value, low: int, high: int) -> int:
                            f"over the limit of {high}" + (": raise it with limits=Limits(...)" if name in
                                                          ("steps", "batch_size") else ""))
     return int(value)
+
+
+def _seed(value) -> int:
+    seed = _integer("seed", value, 0, 2**64 - 1)
+    if seed > MAX_SEED:  # what the generator would make of it: say so rather than alias it silently
+        raise RequestError("seed", value, f"over {MAX_SEED}: torch's CPU generator keeps a seed's low 32 bits, so "
+                           f"this seed paints the picture of seed {seed % 2**32}: pass that")
+    return seed
 
 
 def _number(name: str, value) -> float:

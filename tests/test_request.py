@@ -29,7 +29,12 @@ def pipe(sd1):
     (dict(clip_skip=1.5), r"clip_skip=1.5: need an integer"),
     (dict(prompt="a \udcff cat"), r"prompt='a \\udcff cat': holds a character that is not Unicode text"),
     (dict(negative_prompt=5), r"negative_prompt=5: need a string or a non-empty list of strings"),
-    (dict(seed=2**32), r"seed=4294967296: over the limit of 4294967295"),
+    (dict(seed=2**32 + 5), r"seed=4294967301: over 4294967295: torch's CPU generator keeps a seed's low 32 bits, "
+                           r"so this seed paints the picture of seed 5: pass that"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(40, 77, 8), batch_size=2),
+     r"batch_size=2: 20 prompt\(s\) x 2 is 40 images, over the limit of 16"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(2, 77, 8), negative_prompt="blurry"),
+     r"negative_prompt='blurry': prompt_embeds hold the negatives already"),
     (dict(seed=-2**63), r"seed=-9223372036854775808: need an integer >= 0"),
     (dict(seed=True), r"seed=True: need an integer"),
     (dict(steps=10**9), r"steps=1000000000: over the limit of 1000"),

@@ -78,3 +78,13 @@ def test_predicted_x0_inverts_the_forward_process(prediction):
 def test_latent_preview_is_one_picture_per_latent_at_the_size_asked():
     pictures = latent_preview(torch.randn(3, 4, 8, 8), (64, 48))
     assert [p.size for p in pictures] == [(64, 48)] * 3 and {p.mode for p in pictures} == {"RGB"}
+
+
+@pytest.mark.parametrize("window, message", [
+    (dict(denoising_start=0.9999), r"denoising_start=0.9999 with steps=10 leaves no denoising step"),
+    (dict(denoising_end=0.0001), r"denoising_end=0.0001 with steps=10 leaves no denoising step"),
+    (dict(strength=0.01), r"strength=0.01 with steps=10 leaves no denoising step"),
+])
+def test_an_empty_window_is_an_error_not_zero_steps(window, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler("euler", CONFIG).window(10, **window)

@@ -104,6 +104,8 @@ stage sd15-torch 45 "${SD15[@]}" --backend torch
 stage sd15-graphs 60 "${SD15[@]}" --backend triton:kernels=off  # CUDA graphs, channels-last, fused QKV; torch ops
 stage sd15-compile 150 "${SD15[@]}" --backend compile "${COMPILE[@]}"
 stage sd15-diffusers-compile 150 "${SD15[@]}" --compiled-baseline "${COMPILE[@]}"
+# every config of both kernels on each shape: the winners autotune.json keeps for the next run's quick lists
+stage sd15-triton-full 150 "${SD15[@]}" --backend triton:autotune=full
 stage kernels 90 $S kernels -- benchmarks/test_kernels.py
 stage sd15-b4-diffusers 40 "${SD15[@]}" --baseline --batch $BATCH
 stage sd15-b4-triton 40 "${SD15[@]}" --backend triton --batch $BATCH

@@ -132,7 +132,9 @@ def _merge(path: Path, part: dict) -> dict:
     add_speedups(rows, peak)
     names = list(dict.fromkeys(r["backend"] for r in rows))
     report["settings"].update(backends=[b for b in names if b not in (BASELINE, COMPILED_BASELINE)],
-                              baseline=BASELINE in names, compiled_baseline=COMPILED_BASELINE in names)
+                              baseline=BASELINE in names, compiled_baseline=COMPILED_BASELINE in names,
+                              batches=sorted({r["batch"] for r in rows}),
+                              compile_mode=report["settings"]["compile_mode"] or part["settings"]["compile_mode"])
     report.update(rows=rows, created=part["created"], complete=True)
     return report
 

@@ -126,6 +126,10 @@ def _compile(pipe, mode: str | None, compiler: str) -> None:
     time the U-Net sit on the compiled module's wrapper, outside the graph."""
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.fuse_qkv_projections()
+    if mode is None:  # the compile backend's own default, so speedup_compiled compares like with like
+        from ..backends.compile import CompileOptions
+
+        mode = CompileOptions.mode
     pipe.unet = torch.compile(pipe.unet, mode=mode if compiler == "inductor" else None, backend=compiler,
                               fullgraph=True)
 

@@ -92,7 +92,7 @@ def _request(args, callback=None):
 
 def _check_output(path: Path) -> None:
     """-o names a new or existing image file (its suffix picks the format), never a folder."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
+    if path.suffix.lower() not in IMAGE_SUFFIXES or path.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"-o {path}: the file name must end in one of {', '.join(IMAGE_SUFFIXES)} (it picks the "
                          "image format)")
     if path.is_dir():

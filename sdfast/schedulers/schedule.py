@@ -145,9 +145,15 @@ class Scheduler:
             if self.order == 2 and count % 2 == 0:
                 count += 1
             start = len(self._cpu_timesteps) - count
+        if start >= len(self._cpu_timesteps):
+            raise ValueError(f"denoising_start={denoising_start} with steps={steps} leaves no denoising step: lower "
+                             "it or raise steps")
         end = None
         if denoising_end is not None:
             end = int((self._cpu_timesteps >= round(n_train * (1.0 - denoising_end))).sum())
+            if end <= start:
+                raise ValueError(f"denoising_end={denoising_end} with steps={steps} leaves no denoising step: raise "
+                                 "it or steps")
         if start:
             self.start_at(start)
         return start, end

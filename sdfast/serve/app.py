@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-from .batching import Cancelled, Generated, engine_max_batch, generate_batch
+from .batching import Cancelled, Generated, engine_max_batch, generate_batch, pipeline_limits
 from .options import ServeOptions, is_loopback
 from .requests import GenerationRequest, RequestError, parse_request
 
@@ -66,6 +66,7 @@ class PipelineReplica:
                                 dtype=opts.dtype or ("fp16" if cuda else "fp32"), backend=opts.backend)
         self.size = (self.pipe.default_size, self.pipe.default_size)
         self.max_batch = min(opts.max_batch, engine_max_batch(self.pipe) or opts.max_batch)
+        self.limits = pipeline_limits(opts.limits, self.max_batch)
         self.batch_wait_s = opts.batch_wait_s
         self.device = ThreadPoolExecutor(1, thread_name_prefix="sdfast-device")  # one call on the device at a time
         self.queues: dict[tuple, object] = {}
@@ -73,7 +74,7 @@ class PipelineReplica:
                       "node": ray.get_runtime_context().get_node_id()}
         for n in sorted({1, self.max_batch}):  # engines, kernels and allocator warm for both batch sizes
             warm = GenerationRequest("warm-up", "", opts.warmup_steps, 7.5, *self.size, 0, "euler", n, "json")
-            generate_batch(self.pipe, [warm])
+            generate_batch(self.pipe, [warm], limits=self.limits)
 
     def info(self) -> dict:
         return {"width": self.size[0], "height": self.size[1], "max_batch": self.max_batch,
@@ -109,7 +110,7 @@ class PipelineReplica:
             return all(job.dropped() for job in jobs)
 
         return await asyncio.get_running_loop().run_in_executor(self.device, generate_batch, self.pipe,
-                                                                [job.request for job in jobs], stop)
+                                                                [job.request for job in jobs], stop, self.limits)
 
 
 # Defined before Front: serve.ingress captures the names the routes use when the class is made.

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .requests import GenerationRequest
+from ..request import Limits as RequestLimits
+from .requests import GenerationRequest, Limits
+
+
+def pipeline_limits(limits: Limits, max_batch: int) -> RequestLimits:
+    """The pipeline's limits for a server's calls: the server's own (checked per request before dispatch), with
+    room for a whole batch of its largest requests in one call."""
+    return RequestLimits(max_pixels=limits.max_pixels, max_images=max(max_batch, limits.max_images),
+                         max_steps=limits.max_steps, max_image_pixels=limits.max_image_pixels)
 
 
 @dataclass
@@ -43,7 +51,8 @@ class Cancelled(Exception):
     """No one waits for a call's images any more (cancelled, or past the deadline): it stopped early."""
 
 
-def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], bool] | None = None) -> list[Generated]:
+def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], bool] | None = None,
+                   limits: RequestLimits = RequestLimits()) -> list[Generated]:
     """Run ``requests`` (one, or several with the same ``batch_key()``) as one call. ``stop()`` is asked before the
     call and after each step; once it says True, the call raises ``Cancelled`` at once (rather than return False
     to ``generate``, which would still decode images no one will get), so the device is free within a step."""
@@ -59,7 +68,7 @@ def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], b
         result = pipe.generate(first.prompt, first.negative_prompt, width=first.width, height=first.height,
                                steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
                                seed=first.seed, batch_size=first.n, image=first.image, strength=first.strength,
-                               callback=hook)
+                               callback=hook, limits=limits)
         return [Generated(_pngs(result.images), result.seed, timing_summary(result.timings), first.n)]
     keys = {r.batch_key() for r in requests}
     if len(keys) != 1 or None in keys:
@@ -70,7 +79,7 @@ def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], b
     latents = torch.cat([pipe.initial_noise(r.seed, r.width, r.height, r.n) for r in requests])
     result = pipe.generate(prompts, negatives, width=first.width, height=first.height, steps=first.steps,
                            guidance_scale=first.guidance, scheduler=first.scheduler, seed=first.seed,
-                           latents=latents, callback=hook)
+                           latents=latents, callback=hook, limits=limits)
     timings, pngs, out, start = timing_summary(result.timings), _pngs(result.images), [], 0
     for r in requests:
         out.append(Generated(pngs[start:start + r.n], r.seed, timings, len(prompts)))

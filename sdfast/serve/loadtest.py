@@ -10,7 +10,8 @@ passed, waits for every answer, and counts each request as exactly one of:
 
 A server that behaves has ``errors == {}`` and ``lost == 0``. The fault mode kills one pipeline replica
 ``kill_after_s`` into the run (``kill_replica``) while it is computing a batch, to show that requests in flight on
-it are retried, not lost.
+it are retried, not lost. The soak mode (``bad_every``) makes every k-th request a careless or hostile one from
+``BAD_REQUESTS``; each must be ``refused`` (a 4xx with a JSON message), and anything else it gets is an error.
 ``benchmarks/load.py`` is the command line around it.
 """
 
@@ -24,12 +25,25 @@ from urllib.parse import urlparse
 
 from .options import is_loopback
 
+# (path, raw body) of requests a client gets wrong or a probe sends on purpose: each must be a 4xx, never a 5xx.
+BAD_REQUESTS = (
+    ("/v1/txt2img", b'{"prompt": "a red circle", "steps": 0}'),
+    ("/v1/txt2img", b'{"prompt": "a red circle", "height": 20000, "n": 4}'),
+    ("/v1/txt2img", b'{"prompt": "a red circle", "seed": ' + b"9" * 5000 + b"}"),
+    ("/v1/txt2img", b"[" * 100_000 + b"]" * 100_000),
+    ("/v1/txt2img", b'{"prompt": "\udcff"}'),
+    ("/v1/txt2img", b'{"prompt": "a red circle", "path": "/etc/passwd"}'),
+    ("/v1/txt2img", b"not json"),
+    ("/v1/img2img", b'{"prompt": "a red circle", "image": "aGVsbG8="}'),
+)
+
 
 async def run_load(url: str, *, requests: int = 100, concurrency: int = 8, duration_s: float = 60.0,
                    payload: dict | None = None, api_key: str | None = None, timeout_s: float = 120.0,
-                   kill_after_s: float | None = None, kill=None) -> dict:
+                   kill_after_s: float | None = None, kill=None, bad_every: int | None = None) -> dict:
     """POST ``payload`` (seed i for request i) to ``url``/v1/txt2img; ``kill(replica)`` runs (in a thread) once,
-    ``kill_after_s`` in or soon after, on a replica in the middle of a batch. Returns the report (see ``markdown``)."""
+    ``kill_after_s`` in or soon after, on a replica in the middle of a batch; with ``bad_every`` k, request i is
+    ``BAD_REQUESTS[i // k % len]`` when i % k == k - 1. Returns the report (see ``markdown``)."""
     import httpx
 
     host = urlparse(url).hostname or ""
@@ -46,13 +60,23 @@ async def run_load(url: str, *, requests: int = 100, concurrency: int = 8, durat
 
     async def one(client, i: int) -> None:
         sent = time.perf_counter()
+        bad = bad_every is not None and i % bad_every == bad_every - 1
         try:
-            r = await client.post("/v1/txt2img", json={**payload, "seed": i}, timeout=timeout_s)
+            if bad:
+                path, body = BAD_REQUESTS[i // bad_every % len(BAD_REQUESTS)]
+                r = await client.post(path, content=body, headers={"Content-Type": "application/json"},
+                                      timeout=timeout_s)
+            else:
+                r = await client.post("/v1/txt2img", json={**payload, "seed": i}, timeout=timeout_s)
         except httpx.HTTPError as e:  # nothing came back: the request is lost
             outcomes.append({"kind": "lost", "error": type(e).__name__})
             return
         latency = time.perf_counter() - sent
-        if r.status_code == 200:
+        if bad:
+            refused = 400 <= r.status_code < 500 and "application/json" in r.headers.get("content-type", "")
+            outcomes.append({"kind": "refused"} if refused else
+                            {"kind": "error", "status": r.status_code, "message": r.text[:200]})
+        elif r.status_code == 200:
             body = r.json()
             answers.append((body["replica"], body["timings"]["total_ms"] / 1e3))
             outcomes.append({"kind": "ok", "latency_s": latency, "images": len(body["images"]),
@@ -101,6 +125,7 @@ def report(outcomes: list[dict], issued: int, elapsed_s: float, concurrency: int
         "issued": issued, "answered": sum(o["kind"] != "lost" for o in outcomes), "concurrency": concurrency,
         "elapsed_s": round(elapsed_s, 3), "ok": len(ok),
         "rejected": sum(o["kind"] == "rejected" for o in outcomes),
+        "refused": sum(o["kind"] == "refused" for o in outcomes),
         "errors": dict(Counter(o["status"] for o in outcomes if o["kind"] == "error")),
         "lost": issued - len(outcomes) + sum(o["kind"] == "lost" for o in outcomes),
         "requests_per_s": round(len(ok) / elapsed_s, 3), "images_per_s": round(sum(o["images"] for o in ok) / elapsed_s, 3),
@@ -116,9 +141,11 @@ def report(outcomes: list[dict], issued: int, elapsed_s: float, concurrency: int
 def markdown(result: dict, title: str = "sdfast serve load test") -> str:
     lat = result["latency_ms"]
     lines = [f"## {title}", "",
-             "| requests | ok | 503 + Retry-After | other errors | lost | req/s | images/s | p50 ms | p95 ms | p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| {result['issued']} | {result['ok']} | {result['rejected']} | {result['errors'] or 0} | {result['lost']} "
+             "| requests | ok | 503 + Retry-After | bad ones refused (4xx) | other errors | lost | req/s | images/s "
+             "| p50 ms | p95 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| {result['issued']} | {result['ok']} | {result['rejected']} | {result['refused']} | "
+             f"{result['errors'] or 0} | {result['lost']} "
              f"| {result['requests_per_s']} | {result['images_per_s']} | {lat['p50']} | {lat['p95']} | {lat['p99']} |",
              "", f"Concurrency {result['concurrency']}, {result['elapsed_s']} s. Images per batched call seen: "
              f"{result['batch_sizes']}. Attempts per answered request: {result['attempts']}."]

@@ -27,6 +27,7 @@ def _entry(block, warps, stages):
 def _save(folder, arch, kernel, configs):
     folder.mkdir(exist_ok=True)
     entries = [{"key": [str(i)], "config": c, "list": "full"} for i, c in enumerate(configs)]
+    entries.append({"key": ["q"], "config": _entry(32, 8, 2), "list": "quick"})  # a quick list's: no evidence
     (folder / f"{arch}.json").write_text(json.dumps({"capability": arch, "kernels": {kernel: entries}}))
 
 
@@ -56,18 +57,23 @@ def test_quick_is_at_most_the_limit(tmp_path, monkeypatch):
 
 
 def test_snapshot_is_what_quick_reads_back(tmp_path, monkeypatch):
-    """The winners a run leaves in its autotuners' caches, saved as kernels/tuned/sm_XY.json, become the quick list."""
+    """The winners a full sweep leaves in the kernels' own autotuners (their real names), saved as
+    kernels/tuned/sm_XY.json, become each kernel's quick list; a quick list's winners do not."""
     monkeypatch.setattr(tuning, "TUNED", tmp_path)
-    tuners = {"attention:quick": SimpleNamespace(cache={(4096, 4096, 40, False, "torch.float16"): FULL[5]}),
-              "attention:full": SimpleNamespace(cache={(4096, 77, 40, False, "torch.float16"): FULL[2],
-                                                       (1024, 1024, 80, False, "torch.float16"): FULL[5]}),
-              "group_norm_stats:full": SimpleNamespace(cache={(10, 4096, 16, True): FULL[0]})}
+    tuners = {name: SimpleNamespace(cache={}) for name in {**fa.AUTOTUNERS, **gn.AUTOTUNERS}}
+    tuners["attention:quick"].cache[(4096, 4096, 40, False, "torch.float16")] = FULL[0]
+    tuners["attention:full"].cache.update({(4096, 77, 40, False, "torch.float16"): FULL[2],
+                                           (1024, 1024, 80, False, "torch.float16"): FULL[5],
+                                           (256, 256, 160, False, "torch.float16"): FULL[5]})
+    tuners["group_norm_stats:full"].cache[(10, 4096, 16, True)] = FULL[1]
+    tuners["group_norm_apply:full"].cache[(10, 4096, 16, True, True)] = FULL[3]
     saved = tuning.snapshot(tuners)
-    assert saved["kernels"]["attention"][0] == {"key": ["4096", "4096", "40", "False", "torch.float16"],
-                                                "config": tuning.describe(FULL[5]), "list": "quick"}
-    assert len(saved["kernels"]["attention"]) == 3 and len(saved["kernels"]["group_norm_stats"]) == 1
+    assert {"key": ["4096", "4096", "40", "False", "torch.float16"], "config": tuning.describe(FULL[0]),
+            "list": "quick"} in saved["kernels"]["attention"]
     (tmp_path / "sm_90.json").write_text(json.dumps(saved))
     assert tuning.quick("attention", FULL, [], arch="sm_90") == [FULL[5], FULL[2]]
+    assert tuning.quick("group_norm_stats", FULL, [], arch="sm_90") == [FULL[1]]
+    assert tuning.quick("group_norm_apply", FULL, [], arch="sm_90") == [FULL[3]]
 
 
 def test_an_unknown_mode_is_one_line():

@@ -187,8 +187,6 @@ def test_a_bounded_load_run_loses_nothing_and_batches(server):
 
 
 def test_a_replica_killed_under_load_is_replaced_and_no_request_is_lost(server):
-    from ray import serve
-
     from sdfast.serve.loadtest import kill_replica, run_load
 
     result = asyncio.run(run_load(f"http://127.0.0.1:{server.port}", requests=60, concurrency=8, duration_s=90,
@@ -196,6 +194,13 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_is_lost(server):
     assert result["killed"], result
     assert result["lost"] == 0 and result["errors"] == {} and result["ok"] + result["rejected"] == 60, result
     assert result["attempts"].get(2, 0) >= 1, result  # the requests in flight on it were retried on the other
+    _wait_for_two_replicas()
+
+
+def _wait_for_two_replicas() -> None:
+    """Ray Serve replaces a killed replica: both run again within a minute."""
+    from ray import serve
+
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         states = serve.status().applications["sdfast"].deployments["Pipeline"].replica_states
@@ -203,6 +208,20 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_is_lost(server):
             break
         time.sleep(0.5)
     assert states.get("RUNNING") == 2, states
+
+
+def test_a_soak_of_mixed_requests_with_a_replica_killed_loses_nothing(server):
+    """200 requests at concurrency 8, every fourth a careless or hostile one (BAD_REQUESTS), one replica killed a
+    second in: every bad one is a JSON 4xx, every good one an image or a 503 with Retry-After, none lost."""
+    from sdfast.serve.loadtest import BAD_REQUESTS, kill_replica, run_load
+
+    result = asyncio.run(run_load(f"http://127.0.0.1:{server.port}", requests=200, concurrency=8, duration_s=240,
+                                  payload={"steps": 4}, api_key=KEY, kill_after_s=1.0, kill=kill_replica,
+                                  bad_every=4))
+    assert result["killed"] and result["lost"] == 0 and result["errors"] == {}, result
+    assert result["refused"] == 50 and result["ok"] + result["rejected"] == 150, result
+    assert len(BAD_REQUESTS) == 8  # every one of them was sent (50 bad requests cycle through the 8)
+    _wait_for_two_replicas()
 
 
 def test_the_load_command_writes_json_and_markdown(server, tmp_path, monkeypatch):

@@ -71,3 +71,12 @@ def test_timings_name_every_network(pipe):
 def test_sizes_and_batch_caps_of_the_torch_backend(pipe):
     assert pipe.default_size == 64
     assert engine_max_batch(pipe) is None  # eager torch takes any batch
+
+
+def test_a_batch_larger_than_the_pipelines_default_limit_runs():
+    """A server with --max-batch 32 calls generate with room for 32 images (the pipeline's own default is 16)."""
+    from sdfast.serve.batching import pipeline_limits
+    from sdfast.serve.requests import Limits
+
+    limits = pipeline_limits(Limits(), 32)
+    assert limits.max_images == 32 and limits.max_pixels == Limits().max_pixels
