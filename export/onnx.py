@@ -32,14 +32,22 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+try:
+    import fcntl  # the cache's file locks (POSIX); elsewhere the cache is not guarded against concurrent writers
+except ImportError:
+    fcntl = None
 
 try:
     import onnx
@@ -69,6 +77,9 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # Protobuf cannot serialise a message over 2 GiB: graphs whose weights pass this keep them in ``NAME.onnx.data``.
 # 64 MiB under the limit leaves room for what is not weights (nodes, names, shapes).
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
+# How long a process waits for another that is exporting the same model into the same cache (a full-size SDXL
+# export on a CPU takes tens of minutes) before it gives up with an error naming the lock.
+LOCK_TIMEOUT_S = 3 * 3600.0
 
 
 class ExportError(ValueError):
@@ -307,10 +318,31 @@ def sha256_files(*paths: Path) -> str:
     return h.hexdigest()
 
 
+# sha256 of graph files already hashed by this process, keyed by the files' identity and state (device, inode, size,
+# modification and change times): a load verifies the graphs (``read_manifest``) and the tensorrt backend keys its
+# engines by the same hash (``file_hash``), so a 1.6 GB U-Net is read once per load, not once per use. Any write,
+# rename onto the path or truncation changes the key.
+_HASHED: dict[tuple, str] = {}
+
+
+def _identity(paths: tuple[Path, ...]) -> tuple:
+    stats = [p.stat() for p in paths]
+    return tuple((str(p.resolve()), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+                 for p, s in zip(paths, stats))
+
+
+def _hash_once(*paths: Path) -> str:
+    key = _identity(paths)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_files(*paths)
+    return _HASHED[key]
+
+
 def file_hash(path: Path) -> str:
-    """sha256 of an ONNX file and its external data file, if any: what an engine is keyed by."""
+    """sha256 of an ONNX file and its external data file, if any: what the manifest records and an engine is
+    keyed by."""
     data = path.with_name(path.name + ".data")
-    return sha256_files(path, *([data] if data.is_file() else []))
+    return _hash_once(path, *([data] if data.is_file() else []))
 
 
 def io_description(model: "onnx.ModelProto") -> tuple[list[dict], list[dict]]:
@@ -493,8 +525,10 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
     return manifest
 
 
-def read_manifest(folder) -> dict:
-    """The manifest of an export folder, checked for the format and the files it names."""
+def read_manifest(folder, *, verify: bool = True) -> dict:
+    """The manifest of an export folder, checked for the format and the files it names, and (``verify``) each
+    graph's files against the size and sha256 the manifest recorded when they were written: an ExportError names a
+    graph that was changed, truncated or overwritten since (``verify_graphs``)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -502,29 +536,177 @@ def read_manifest(folder) -> dict:
                           "did not finish)")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{path} has format {manifest.get('format')!r}, this sdfast reads {FORMAT!r}: export "
-                          "the model again")
-    files = [net["file"] for net in manifest["networks"].values()] + [manifest["scheduler_config"]]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON ({e}): export the model again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise ExportError(f"{path} has format {found!r:.60}, this sdfast reads {FORMAT!r}: export the model again")
+    try:
+        files = [net["file"] for net in manifest["networks"].values()] + [manifest["scheduler_config"]]
+        for net in manifest["networks"].values():
+            if not (isinstance(net["sha256"], str) and isinstance(net["bytes"], int)):
+                raise TypeError("sha256 / bytes")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"{path} is malformed ({type(e).__name__}: {e}): export the model again") from e
     for file in files:
         if not (folder / file).exists():
             raise ExportError(f"{folder / file} is missing (named in {path}): export the model again")
+    try:  # the scheduler config within sdfast.checkpoint.BOUNDS, as when a checkpoint loads
+        from sdfast.checkpoint import check_scheduler_config, read_json
+
+        check_scheduler_config(read_json(folder / manifest["scheduler_config"]), str(folder / manifest[
+            "scheduler_config"]), "correct it in that file, or export the model again")
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    if verify:
+        verify_graphs(folder, manifest)
     return manifest
 
 
-def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, log=None) -> Path:
+def graph_files(folder: Path, net: dict) -> list[Path]:
+    """A graph's files as its manifest entry names them: NAME.onnx, and NAME.onnx.data when weights went there."""
+    path = Path(folder) / net["file"]
+    return [path] + ([path.with_name(net["external_data"])] if net.get("external_data") else [])
+
+
+def verify_graphs(folder, manifest: dict) -> None:
+    """Each graph's files against the manifest: their total size (a cheap first look that catches truncation),
+    then their sha256, read once per process (``file_hash``). An ExportError names the file and the fix."""
+    folder = Path(folder)
+    for name, net in manifest["networks"].items():
+        files = graph_files(folder, net)
+        named = " + ".join(f.name for f in files)
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise ExportError(f"{missing[0]} is missing (named in {folder / MANIFEST}): export the model again "
+                              f"(sdfast export MODEL -o {folder})")
+        size = sum(f.stat().st_size for f in files)
+        if size != net["bytes"]:
+            raise ExportError(f"{folder / net['file']}: {named} {'hold' if len(files) > 1 else 'holds'} "
+                              f"{size:,} bytes, not the {net['bytes']:,} that "
+                              f"{MANIFEST} recorded (truncated or overwritten since the export): export the model "
+                              f"again (sdfast export MODEL -o {folder})")
+        if file_hash(files[0]) != net["sha256"]:
+            raise ExportError(f"{folder / net['file']}: the sha256 of {named} is not the one {MANIFEST} recorded "
+                              f"(changed since the export): export the model again (sdfast export MODEL -o "
+                              f"{folder})")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, timeout: float = LOCK_TIMEOUT_S, what: str = "writing here", log=None):
+    """An exclusive ``fcntl.flock`` on ``path`` (created if need be), held for the ``with`` block: one process at a
+    time writes a cache entry, and the others wait, then find it written. The lock dies with its process, so a
+    crashed writer never leaves it held. A wait past ``timeout`` seconds is an ExportError naming the holder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        if fcntl is None:  # no flock here (Windows): unguarded
+            yield
+            return
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                if time.monotonic() >= deadline:
+                    raise ExportError(f"waited {timeout:g} s for {path}: {holder} is still {what}; wait for it "
+                                      "to finish and try again (the lock goes when that process ends)") from None
+                if log and not told:
+                    log(f"waiting for {holder}, which is {what} ({path})")
+                    told = True
+                time.sleep(0.2)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {os.uname().nodename}")
+            f.flush()
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _private_dir(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new empty folder with a unique name under ``parent``, with the permissions of a plain ``mkdir``."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder
+
+
+def replace_folder(new: Path, folder: Path) -> None:
+    """Put folder ``new`` at ``folder``'s path by renames only (``folder``, if there, is moved aside under a unique
+    name first and then deleted), so the path never shows a half-written folder."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f"{folder.name}.{uuid.uuid4().hex[:8]}.old")
+        folder.rename(old)
+    new.rename(folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def cache_folder(cache_dir, model_hash: str, dtype: str, opset: int) -> Path:
+    """The cache entry of a model: ``CACHE/HASH-DTYPE-opsetN``; its lock is the ``.lock`` file beside it."""
+    return Path(cache_dir).expanduser() / f"{model_hash[:20]}-{dtype}-opset{opset}"
+
+
+def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, log=None,
+                  lock_timeout: float = LOCK_TIMEOUT_S) -> Path:
     """The export folder of ``pipe`` under ``cache_dir``, keyed by its weights, dtype and opset: exported (and
-    checked) the first time, reused after. A folder without a manifest is a crashed export and is redone."""
+    checked) the first time, reused after.
+
+    - A cached entry is verified before it is used: every graph's size and sha256 against its manifest.
+    - An entry that fails (changed or truncated graph, unreadable manifest, no manifest) is exported again, once,
+      with a warning naming what was wrong; if the new one fails too, that is an ExportError.
+    - An export is written to a folder of its own (a unique temporary name beside the entry) and renamed into place
+      when complete, so the entry's path never holds a partial export.
+    - A file lock (``ENTRY.lock``) makes one process at a time check or write an entry: two processes loading one
+      model into an empty cache export it once; the second waits (up to ``lock_timeout`` seconds), then finds the
+      finished entry and uses it.
+    """
     require_onnx()
     model_hash = weights_hash(pipe)
-    folder = Path(cache_dir).expanduser() / f"{model_hash[:20]}-{_dtype_name(pipe.dtype)}-opset{opset}"
-    if (folder / MANIFEST).is_file():
-        return folder
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    export_pipeline(pipe, partial, opset=opset, model_hash=model_hash, log=log)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    dtype = _dtype_name(pipe.dtype)
+    folder = cache_folder(cache_dir, model_hash, dtype, opset)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.with_name(folder.name + ".lock")
+    with file_lock(lock, timeout=lock_timeout, what=f"exporting {folder.name}", log=log):
+        problem = _cache_problem(folder)
+        if problem is None:
+            return folder
+        # leftovers of writers that died (the lock is ours, so no one else is writing them)
+        for stale in (*folder.parent.glob(f"{folder.name}.*.partial"), *folder.parent.glob(f"{folder.name}.*.old"),
+                      folder.with_name(folder.name + ".partial")):
+            shutil.rmtree(stale, ignore_errors=True)
+        if folder.exists():
+            warnings.warn(f"the cached ONNX export {folder} is unusable ({problem}); exporting it again",
+                          RuntimeWarning, stacklevel=2)
+        partial = _private_dir(folder.parent, f"{folder.name}.", ".partial")
+        try:
+            export_pipeline(pipe, partial, opset=opset, model_hash=model_hash, log=log)
+            replace_folder(partial, folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        problem = _cache_problem(folder)
+        if problem is not None:
+            raise ExportError(f"the cached ONNX export {folder} was exported again and is still unusable "
+                              f"({problem}): is the disk full or failing? Delete {folder} and try again")
     return folder
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """What makes a cache entry unusable ("no manifest", a graph that does not match it...), or None."""
+    if not folder.exists():
+        return "not exported yet"
+    try:
+        read_manifest(folder, verify=True)
+    except (ExportError, OSError) as e:
+        return str(e)
+    return None

@@ -25,19 +25,23 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .onnx import file_hash, read_manifest, sha256_files
+from .onnx import file_hash, file_lock, read_manifest, sha256_files
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")  # preference order
 HAS_TENSORRT = any(importlib.util.find_spec(name) is not None for name in FLAVOURS)
 ENGINES = "engines"
 # TensorRT-RTX's compute capabilities (75: sm_75) for a module without a ComputeCapability enum to read them from
 RTX_TARGETS = (75, 80, 86, 89, 120)
+# How long a build waits for another process building the same engine (a full-size U-Net: many minutes).
+LOCK_TIMEOUT_S = 3 * 3600.0
 
 
 class EngineError(ValueError):
@@ -267,7 +271,7 @@ def find_engines(folder, network: str) -> list[Engine]:
     first, for the backends to load (``covering`` picks one per request). An EngineError says why none fits: none
     built, or each one stale (naming what differs)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, verify=False)  # a changed graph shows as stale engines, naming the hashes
     current = {"onnx_sha256": file_hash(folder / manifest["networks"][network]["file"]), **flavour(), "gpu": gpu()}
     stale = []
     candidates = []
@@ -291,10 +295,13 @@ def find_engines(folder, network: str) -> list[Engine]:
     raise EngineError(f"no {network} engine in {folder / ENGINES}: build them first with `sdfast build {folder}`")
 
 
-def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=None, log=print) -> dict[str, Engine]:
+def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=None, log=print,
+                  lock_timeout: float = LOCK_TIMEOUT_S) -> dict[str, Engine]:
     """Build (or load from the cache) one engine per network of the export folder ``folder`` (``networks``,
-    default all it holds) for ``shapes``. A cached engine whose file does not match its sidecar is reported and
-    rebuilt."""
+    default all it holds) for ``shapes``. The graphs are verified against the manifest first. A cached engine whose
+    file does not match its sidecar is reported and rebuilt. Each engine is built under a file lock
+    (``NETWORK-KEY.lock``): a second process building the same one waits, then loads it; its files are written
+    under unique temporary names and renamed into place, the engine before its sidecar."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     networks = tuple(manifest["networks"]) if networks is None else networks
@@ -310,15 +317,32 @@ def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=None, 
         fields = _key_fields(folder, network, manifest, network_profiles, precision)
         key = engine_key(fields)
         path = folder / ENGINES / f"{network}-{key[:16]}.engine"
-        if path.is_file():
-            try:
-                results[network] = Engine(path, verified(path), cached=True)
-                log(f"{path.name}: cached ({network}, {precision}, {fields['flavour']} {fields['version']})")
-                continue
-            except EngineError as e:
-                log(f"{e}; rebuilding")
-        results[network] = _build(trt, folder, network, manifest, fields, key, path, log)
+        with file_lock(path.with_suffix(".lock"), timeout=lock_timeout, what=f"building {path.name}", log=log):
+            if path.is_file():
+                try:
+                    results[network] = Engine(path, verified(path), cached=True)
+                    log(f"{path.name}: cached ({network}, {precision}, {fields['flavour']} {fields['version']})")
+                    continue
+                except EngineError as e:
+                    log(f"{e}; rebuilding")
+            results[network] = _build(trt, folder, network, manifest, fields, key, path, log)
     return results
+
+
+def write_atomically(path: Path, data) -> None:
+    """Write ``data`` (bytes-like) to a unique temporary file beside ``path``, then rename it onto ``path``: a
+    reader sees the old file or the whole new one, never part of it, and two writers never share a temporary."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _precision(dtype: str, fp16: bool) -> str:
@@ -370,11 +394,11 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
     build_s = time.perf_counter() - start
     if plan is None:
         raise _build_error(fields, f"could not build {onnx_path.name}")
-    if timing_cache is not None:
-        timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(memoryview(plan))
-    tmp.replace(path)
+    if timing_cache is not None:  # builds of other networks may write it too: whole files only, the last one wins
+        write_atomically(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    sidecar = path.with_suffix(".json")
+    sidecar.unlink(missing_ok=True)  # a rebuild: the old sidecar must not vouch for the new engine, even briefly
+    write_atomically(path, memoryview(plan))
     io = [{"name": t.name, "mode": mode, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
           for mode, tensors in (("input", [graph.get_input(i) for i in range(graph.num_inputs)]),
                                 ("output", [graph.get_output(i) for i in range(graph.num_outputs)]))
@@ -382,7 +406,7 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
     meta = {"network": network, "key": key, "key_fields": fields, "profiles": fields["profiles"], "io": io,
             "onnx_file": onnx_path.name, "engine_bytes": path.stat().st_size, "engine_sha256": sha256_files(path),
             "build_s": round(build_s, 2), "timing_cache": timing_cache is not None, "built_at": time.time()}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    write_atomically(sidecar, json.dumps(meta, indent=1).encode())
     log(f"{path.name}: built in {build_s:.1f} s ({network}, {fields['precision']}, {fields['flavour']} "
         f"{fields['version']}, {len(fields['profiles'])} profile(s), {meta['engine_bytes'] / 2**20:.1f} MiB)")
     return Engine(path, meta, cached=False)

@@ -9,6 +9,7 @@ this module only reads files, checks keys and shapes, and materialises the netwo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -19,6 +20,7 @@ from torch import nn
 
 
 from . import layouts
+from .schedulers import ScheduleConfig
 from .tokenizer import Tokenizer
 from .models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
 
@@ -154,12 +156,204 @@ def materialize(build: Callable[[], nn.Module], sources: Mapping[str, Source], w
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file holding one object (a config, an index): anything else is a CheckpointError naming the file."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a diffusers folder needs it")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {_json_type(value)}, not an object of fields "
+                              f"({_short(value)}): replace it with the model's own {path.name}")
+    return value
+
+
+# -- Config bounds --------------------------------------------------------------------------------------------------
+# Every config field sdfast reads, with its type and the range it may take: bounded by what any released SD 1.x /
+# 2.x / XL model uses (``released``), with generous headroom. A value outside is refused while the configs are read
+# (diffusers folders, configs inferred from a single file, ``overrides``), before anything is built or allocated,
+# in one line naming the file, the field, the value and the allowed range. Fields are diffusers' / transformers'
+# names, as in the config.json files. The relations between fields (norm groups dividing the channels, heads
+# dividing them into heads no wider than HEAD_DIM) are checked next, by ``_relations``.
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One config field. ``kind``: int, float, bool or str (bool is never taken for an int, NaN and infinities
+    never for a float). ``shape``: "one" value, a "list" of them, or "level": one value or a list of one per U-Net
+    level. ``lo`` / ``hi``: inclusive, or exclusive with ``open`` (floats in (0, 1)). ``length``: a list's length.
+    ``null``: JSON null allowed (the default then applies)."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    released: str = ""
+    shape: str = "one"
+    length: tuple[int, int] = (1, 8)
+    multiple_of: int = 1
+    null: bool = False
+    open: bool = False
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` is not allowed, or None."""
+        if value is None:
+            return None if self.null else "must not be null"
+        if self.shape == "one" or (self.shape == "level" and not isinstance(value, list)):
+            return None if self._fits(value) else "out of bounds"
+        if not isinstance(value, list):
+            return "must be a list"
+        if not self.length[0] <= len(value) <= self.length[1]:
+            return f"has {len(value)} entries"
+        return None if all(self._fits(v) for v in value) else "out of bounds"
+
+    def _fits(self, v) -> bool:
+        if self.kind is bool:
+            return isinstance(v, bool)
+        if self.kind is str:
+            return isinstance(v, str)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if self.kind is float else int):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.open:
+            return self.lo < v < self.hi
+        return self.lo <= v <= self.hi and (self.multiple_of == 1 or v % self.multiple_of == 0)
+
+    def allowed(self) -> str:
+        if self.kind is bool:
+            one = "true or false"
+        elif self.kind is str:
+            one = "a string"
+        elif self.open:
+            one = f"a finite number {self.lo:g} < x < {self.hi:g}"
+        else:
+            noun, lo, hi = ("an integer", f"{self.lo:,}", f"{self.hi:,}") if self.kind is int else \
+                ("a finite number", f"{self.lo:g}", f"{self.hi:g}")
+            one = f"{noun} {lo}..{hi}" + (f", a multiple of {self.multiple_of}" if self.multiple_of > 1 else "")
+        many = f"a list of {self.length[0]}..{self.length[1]:,} entries, each {one}"
+        text = {"one": one, "list": many, "level": f"{one}, or {many} (one per level)"}[self.shape]
+        return text + (", or null" if self.null else "")
+
+
+HEAD_DIM = (1, 512)  # attention head width (SD 1.x: 40..160, 2.x / XL: 64), by _relations
+_LEVELS = {"shape": "level", "length": (1, 8)}
+BOUNDS: dict[str, dict[str, Bound]] = {
+    "unet": {
+        "in_channels": Bound(int, 1, 64, "4; 9 inpainting"),
+        "out_channels": Bound(int, 1, 64, "4"),
+        "block_out_channels": Bound(int, 4, 4096, "320..1280", shape="list", multiple_of=2),
+        "down_block_types": Bound(str, shape="list"),
+        "up_block_types": Bound(str, shape="list"),
+        "layers_per_block": Bound(int, 1, 16, "2", **_LEVELS),
+        "transformer_layers_per_block": Bound(int, 1, 64, "1..10", **_LEVELS),
+        "attention_head_dim": Bound(int, 1, 4096, "8 heads, or 5..20 per level", **_LEVELS),  # a head COUNT
+        "num_attention_heads": Bound(int, 1, 4096, "null", null=True, **_LEVELS),
+        "cross_attention_dim": Bound(int, 1, 8192, "768, 1024, 2048"),
+        "norm_num_groups": Bound(int, 1, 4096, "32"),
+        "norm_eps": Bound(float, 0, 1, "1e-5", open=True),
+        "sample_size": Bound(int, 1, 1024, "64, 96, 128 latent cells", null=True),
+        "use_linear_projection": Bound(bool),
+        "upcast_attention": Bound(bool),
+        "flip_sin_to_cos": Bound(bool),
+        "freq_shift": Bound(int, 0, 1, "0"),
+        "addition_embed_type": Bound(str, null=True),
+        "addition_time_embed_dim": Bound(int, 2, 4096, "256", null=True, multiple_of=2),
+        "projection_class_embeddings_input_dim": Bound(int, 1, 65536, "2816, 2560", null=True),
+    },
+    "vae": {
+        "in_channels": Bound(int, 1, 64, "3"),
+        "out_channels": Bound(int, 1, 64, "3"),
+        "latent_channels": Bound(int, 1, 64, "4"),
+        "block_out_channels": Bound(int, 1, 4096, "128..512", shape="list"),
+        "down_block_types": Bound(str, shape="list"),
+        "up_block_types": Bound(str, shape="list"),
+        "layers_per_block": Bound(int, 1, 16, "2"),
+        "norm_num_groups": Bound(int, 1, 4096, "32"),
+        "sample_size": Bound(int, 1, 8192, "512..1024 px", null=True),
+        "scaling_factor": Bound(float, 0, 100, "0.18215, 0.13025", open=True),
+        "force_upcast": Bound(bool),
+    },
+    "text_encoder": {
+        "vocab_size": Bound(int, 1, 1_000_000, "49408"),
+        "hidden_size": Bound(int, 1, 8192, "768, 1024, 1280"),
+        "intermediate_size": Bound(int, 1, 65536, "3072..5120"),
+        "num_hidden_layers": Bound(int, 1, 64, "12, 23, 32"),
+        "num_attention_heads": Bound(int, 1, 8192, "12..20"),
+        "max_position_embeddings": Bound(int, 1, 1024, "77"),
+        "layer_norm_eps": Bound(float, 0, 1, "1e-5", open=True),
+        "projection_dim": Bound(int, 1, 8192, "768..1280", null=True),
+        "eos_token_id": Bound(int, 0, 1_000_000, "2, 49407"),
+        "hidden_act": Bound(str),
+    },
+    "scheduler": {
+        "num_train_timesteps": Bound(int, 1, 100_000, "1000"),
+        "beta_start": Bound(float, 0, 1, "0.00085", open=True),
+        "beta_end": Bound(float, 0, 1, "0.012", open=True),
+        "trained_betas": Bound(float, 0, 1, "null", shape="list", length=(1, 100_000), null=True, open=True),
+        "beta_schedule": Bound(str),
+        "prediction_type": Bound(str),
+        "timestep_spacing": Bound(str),
+        "steps_offset": Bound(int, 0, 100_000, "0, 1"),
+        "set_alpha_to_one": Bound(bool),
+        "clip_sample": Bound(bool),
+        "clip_sample_range": Bound(float, 0, 1e6, "1.0", open=True),
+        "original_inference_steps": Bound(int, 1, 100_000, "50"),
+        "timestep_scaling": Bound(float, 0, 1e6, "10.0", open=True),
+    },
+    "pipeline": {"force_zeros_for_empty_prompt": Bound(bool), "requires_aesthetics_score": Bound(bool)},
+}
+BOUNDS["text_encoder_2"] = BOUNDS["text_encoder"]
+
+
+def check_bounds(component: str, config, source: str, fix: str) -> None:
+    """``config`` (a diffusers / transformers config dict of ``component``, from ``source``) against BOUNDS: a
+    CheckpointError naming the source, the field, the value, the allowed range and ``fix`` for the first field out
+    of bounds. Fields it does not list are left to the config classes."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{source}: the {component} config is a JSON {_json_type(config)} "
+                              f"({_short(config)}), not an object of fields; {fix}")
+    for name, bound in BOUNDS[component].items():
+        if name in config and (problem := bound.problem(config[name])):
+            raise CheckpointError(f"{source}: {name}={_short(config[name])} {problem}: allowed "
+                                  f"{bound.allowed()}" + (f" (released models: {bound.released})"
+                                                          if bound.released else "") + f"; {fix}")
+
+
+def _relations(unet: UNetConfig, vae: VAEConfig, texts: Mapping[str, CLIPTextConfig]) -> Iterable[tuple[str, str]]:
+    """(component, problem) for each relation between fields that the configs break: every level's channels split
+    into the norm groups and into heads of 1..512 channels each; one channel count per U-Net block type."""
+    lo, hi = HEAD_DIM
+    if len(unet.block_channels) != len(unet.attention):
+        yield "unet", (f"block_out_channels has {len(unet.block_channels)} entries but down_block_types "
+                       f"{len(unet.attention)}: give one per level")
+    for component, channels, groups in (("unet", unet.block_channels, unet.norm_groups),
+                                        ("vae", vae.block_channels, vae.norm_groups)):
+        bad = [c for c in channels if c % groups]
+        if bad:
+            yield component, (f"norm_num_groups={groups} does not divide block_out_channels entries {bad}: each "
+                              f"level's channels must split into the norm groups (released models: 32 groups)")
+    levels = [i for i, attn in enumerate(unet.attention) if attn] + [len(unet.block_channels) - 1]  # + the middle
+    for i in sorted(set(levels) & set(range(min(len(unet.block_channels), len(unet.num_heads))))):
+        c, heads = unet.block_channels[i], unet.num_heads[i]
+        if c % heads or not lo <= c // heads <= hi:
+            yield "unet", (f"level {i}'s {c} channels in {heads} heads (attention_head_dim / num_attention_heads, "
+                           f"a head count) do not make whole heads {lo}..{hi} wide (released models: 40..160)")
+    for component, cfg in texts.items():
+        if cfg.hidden_size % cfg.num_heads or not lo <= cfg.hidden_size // cfg.num_heads <= hi:
+            yield component, (f"hidden_size={cfg.hidden_size} in num_attention_heads={cfg.num_heads} does not "
+                              f"make whole heads {lo}..{hi} wide (released models: 64)")
+
+
+def _short(value, most: int = 60) -> str:
+    """``repr(value)``, cut to ``most`` characters (a config list can hold a million entries)."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 4] + " ..."
+
+
+def _json_type(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 # Weight file names in a diffusers component folder, in order of preference: safetensors (diffusers' and
@@ -177,7 +371,11 @@ def find_weights(folder: Path) -> WeightFile:
     for name in WEIGHT_NAMES:
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map each key to a shard file name, not "
+                                      f"{_short(weight_map)}: write the index again")
+            shards = sorted(set(weight_map.values()))
             return WeightFile(folder / shard for shard in shards)
         if (folder / name).is_file():
             return WeightFile([folder / name])
@@ -227,15 +425,21 @@ def load_diffusers(folder: Path, device, dtype) -> Components:
     if not encoders:
         raise CheckpointError(f"{folder / 'model_index.json'} lists no 'text_encoder': not a Stable Diffusion "
                               "pipeline")
-    weights, sources, text_cfgs = {}, {}, {}
-    for part in encoders:
-        weights[part] = find_weights(folder / part)
-        sources[part] = sources_from_rules(layouts.diffusers_rules(part, weights[part].keys()))
-        text_cfgs[part] = (read_json(folder / part / "config.json"), "text_projection.weight" in sources[part])
+    fix = "correct it in that file (the model's released config has it right)"
+    files = {part: folder / part / "config.json" for part in (*encoders, "unet", "vae")}
+    files["scheduler"] = folder / "scheduler" / "scheduler_config.json"
+    raw = {part: read_json(path) for part, path in files.items()}
+    weights = {part: find_weights(folder / part) for part in (*encoders, "unet", "vae")}
+    sources = {part: sources_from_rules(layouts.diffusers_rules(part, weights[part].keys())) for part in weights}
+    text_cfgs = {part: (raw[part], "text_projection.weight" in sources[part]) for part in encoders}
     options = {key: bool(index.get(key, default)) for key, default in PIPELINE_OPTIONS.items()}
-    unet_cfg, vae_cfg, te_cfgs = _network_configs(
-        read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json"), text_cfgs,
-        options, where=folder)
+    names = {part: str(path) for part, path in files.items()}
+    unet_cfg, vae_cfg, te_cfgs = _network_configs(raw["unet"], raw["vae"], text_cfgs, options, where=folder,
+                                                  names=names, fix=fix)
+    scheduler_config = check_scheduler_config(raw["scheduler"], names["scheduler"], fix)
+    configs = {"unet": unet_cfg, "vae": vae_cfg, **te_cfgs}
+    for part, cfg in configs.items():  # before anything is built: the configs describe no more than the weights
+        _check_size(part, cfg, sum(math.prod(shape) for shape in weights[part].shapes().values()), names[part])
     tokenizers = {}
     for part in encoders:
         tok = part.replace("text_encoder", "tokenizer")
@@ -243,30 +447,46 @@ def load_diffusers(folder: Path, device, dtype) -> Components:
             tokenizers[part] = Tokenizer.from_folder(folder / tok)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{folder / tok}: {e}") from e
-    encoders_loaded = {part: materialize(lambda cfg=te_cfgs[part]: CLIPTextModel(cfg), sources[part], weights[part],
-                                         component=part, device=device, dtype=dtype)
-                       for part in encoders}
+        if tokenizers[part].max_length > te_cfgs[part].max_positions:
+            raise CheckpointError(f"{folder / tok / 'tokenizer_config.json'}: model_max_length="
+                                  f"{tokenizers[part].max_length} is more tokens than {names[part]} has positions "
+                                  f"(max_position_embeddings={te_cfgs[part].max_positions}; released models: both "
+                                  "77); correct the one that is wrong")
+    nets = {part: materialize(lambda cfg=cfg, part=part: _NETWORKS[part](cfg), sources[part], weights[part],
+                              component=part, device=device, dtype=dtype)
+            for part, cfg in configs.items()}
     return Components(
-        text_encoder=encoders_loaded.get("text_encoder"),
-        unet=_load_diffusers_part(folder / "unet", "unet", lambda: UNet(unet_cfg), device, dtype),
-        vae=_load_diffusers_part(folder / "vae", "vae", lambda: AutoencoderKL(vae_cfg), device, dtype),
-        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        text_encoder=nets.get("text_encoder"),
+        unet=nets["unet"],
+        vae=nets["vae"],
+        scheduler_config=scheduler_config,
         tokenizer=tokenizers.get("text_encoder"),
-        text_encoder_2=encoders_loaded.get("text_encoder_2"),
+        text_encoder_2=nets.get("text_encoder_2"),
         tokenizer_2=tokenizers.get("text_encoder_2"),
         options=options if unet_cfg.added_time_dim is not None else {},
     )
 
 
-def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]], options: dict, *, where: Path):
-    """The networks' configs from diffusers / transformers config dicts, checked to fit together. ``texts`` maps
-    each text encoder present to (its config, whether its weights hold a text_projection)."""
+_NETWORKS = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModel}
+
+
+def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]], options: dict, *, where: Path,
+                     names: Mapping[str, str], fix: str):
+    """The networks' configs from diffusers / transformers config dicts, checked against BOUNDS and to fit
+    together. ``texts`` maps each text encoder present to (its config, whether its weights hold a text_projection);
+    ``names`` says where each config comes from, ``fix`` what to do about a bad value (for the messages)."""
+    for part, cfg in (("unet", unet), ("vae", vae), *((part, cfg) for part, (cfg, _) in texts.items())):
+        check_bounds(part, cfg, names[part], fix)
     try:
         unet_cfg = UNetConfig.from_diffusers(unet)
         vae_cfg = VAEConfig.from_diffusers(vae)
         te_cfgs = {part: CLIPTextConfig.from_transformers(cfg, projected) for part, (cfg, projected) in texts.items()}
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from e
+    broken = next(iter(_relations(unet_cfg, vae_cfg, te_cfgs)), None)
+    if broken is not None:
+        part, problem = broken
+        raise CheckpointError(f"{names[part]}: {problem}; {fix}")
     if not unet_cfg.in_channels == unet_cfg.out_channels == vae_cfg.latent_channels:
         raise CheckpointError(f"{where}: the U-Net takes {unet_cfg.in_channels} channels and predicts "
                               f"{unet_cfg.out_channels} for a {vae_cfg.latent_channels}-channel VAE: inpainting and "
@@ -291,10 +511,33 @@ def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]],
     return unet_cfg, vae_cfg, te_cfgs
 
 
-def _load_diffusers_part(folder: Path, component: str, build, device, dtype) -> nn.Module:
-    weights = find_weights(folder)
-    return materialize(build, sources_from_rules(layouts.diffusers_rules(component, weights.keys())), weights,
-                       component=component, device=device, dtype=dtype)
+def check_scheduler_config(config: dict, source: str, fix: str) -> dict:
+    """The scheduler config, checked against BOUNDS and read the way the schedulers will read it (so an unknown
+    prediction type or beta schedule fails here, at load, not at the first generate)."""
+    check_bounds("scheduler", config, source, fix)
+    trained = config.get("trained_betas")
+    steps = config.get("num_train_timesteps", 1000)
+    if trained is not None and len(trained) != steps:
+        raise CheckpointError(f"{source}: trained_betas has {len(trained)} entries but num_train_timesteps="
+                              f"{steps}: give one beta per training step; {fix}")
+    try:
+        ScheduleConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: {e}; {fix}") from e
+    return config
+
+
+def _check_size(component: str, config, available: int, source: str) -> None:
+    """The weights ``config`` implies, counted without building anything, against those ``available`` for it in
+    the weight file. Building on the meta device costs time and memory by the module (a U-Net at the bounds: a
+    minute), so a config describing a network much larger than the file is refused before that. Up to twice the
+    file goes on to ``materialize``, whose key and shape checks name exactly what is missing, still before any
+    tensor is allocated: nothing larger than the file ever is."""
+    needed = config.num_parameters()
+    if needed > 2 * available:
+        raise CheckpointError(f"{source}: this {component} config describes a network of {needed:,} weights, but "
+                              f"the weight file holds {available:,} for it: the config does not belong to these "
+                              "weights")
 
 
 def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -> Components:
@@ -308,25 +551,34 @@ def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -
         raise CheckpointError(f"{path}: {e}") from e
     family = configs["family"]
     texts = {part: (configs[part], part == "text_encoder_2") for part in TEXT_ENCODERS if part in configs}
+    names = {part: f"{path} ({part} config inferred from the weights, with overrides)"
+             for part in (*texts, "unet", "vae", "scheduler", "pipeline")}
+    fix = "if the weights cannot tell it, pass the right value in overrides"
+    check_bounds("pipeline", configs.get("pipeline", {}), names["pipeline"], fix)
     options = configs.get("pipeline", {})
-    unet_cfg, vae_cfg, te_cfgs = _network_configs(configs["unet"], configs["vae"], texts, options, where=path)
-    builds = {"unet": lambda: UNet(unet_cfg), "vae": lambda: AutoencoderKL(vae_cfg),
-              **{part: (lambda cfg=cfg: CLIPTextModel(cfg)) for part, cfg in te_cfgs.items()}}
+    unet_cfg, vae_cfg, te_cfgs = _network_configs(configs["unet"], configs["vae"], texts, options, where=path,
+                                                  names=names, fix=fix)
+    scheduler_config = check_scheduler_config(configs["scheduler"], names["scheduler"], fix)
+    cfgs = {"unet": unet_cfg, "vae": vae_cfg, **te_cfgs}
+    for component, cfg in cfgs.items():  # before any rule is listed or network built
+        available = sum(math.prod(shape) for key, shape in shapes.items() if layouts.component_of(key) == component)
+        _check_size(component, cfg, available, names[component])
     nets = {}
-    for component, build in builds.items():
+    for component, cfg in cfgs.items():
         rules = layouts.original_rules(component, configs[component], family)
         sources = sources_from_rules(rules)
         used = {r.source for r in rules}
         unexpected = [k for k in shapes if layouts.component_of(k) == component and k not in used
                       and not layouts.is_ignored(k, configs)]
-        nets[component] = materialize(build, sources, weights, component=component, unexpected=unexpected,
-                                      device=device, dtype=dtype)
-    unused = sorted({layouts.component_of(k) for k in shapes} - set(builds) - {None})
+        nets[component] = materialize(lambda cfg=cfg, component=component: _NETWORKS[component](cfg), sources,
+                                      weights, component=component, unexpected=unexpected, device=device,
+                                      dtype=dtype)
+    unused = sorted({layouts.component_of(k) for k in shapes} - set(cfgs) - {None})
     if unused:  # e.g. a text encoder under a prefix this family does not read
         raise CheckpointError(f"{path}: weights for {unused} that a {family} file does not use")
     return Components(
         text_encoder=nets.get("text_encoder"), unet=nets["unet"], vae=nets["vae"],
-        scheduler_config=configs["scheduler"],
+        scheduler_config=scheduler_config,
         tokenizer=Tokenizer.clip(pad_token=configs["pad_token"]) if "text_encoder" in nets else None,
         text_encoder_2=nets.get("text_encoder_2"),
         tokenizer_2=Tokenizer.clip(pad_token=configs["pad_token_2"]) if "text_encoder_2" in nets else None,

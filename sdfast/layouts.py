@@ -439,7 +439,13 @@ def infer_configs(
     if family.startswith("sdxl"):
         configs["pipeline"] = {"force_zeros_for_empty_prompt": family == "sdxl",
                                "requires_aesthetics_score": family == "sdxl_refiner"}
+    if not isinstance(overrides or {}, Mapping):
+        raise ValueError(f"overrides must be a dict of configs, e.g. {{'unet': {{'upcast_attention': True}}}}, "
+                         f"not {type(overrides).__name__}")
     for component, fields in (overrides or {}).items():
+        if not isinstance(fields, Mapping):
+            raise ValueError(f"overrides[{component!r}] must be a dict of config fields, not "
+                             f"{type(fields).__name__} {fields!r:.60}")
         if component not in configs:
             raise ValueError(f"override for unknown config {component!r}; known: {sorted(configs)}")
         unknown = sorted(set(fields) - set(configs[component]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sdfast.export.tensorrt import (Engine, EngineError, Shapes, build_engines, check_shapes, check_target, covering,
-                                    device_name, find_engines, flavour, tensorrt)
+                                    device_name, find_engines, flavour, tensorrt, write_atomically)
 
 from ..models import image_side
 from . import exported
@@ -84,7 +84,7 @@ class EngineRunner:
         if self.runtime_cache is not None and index not in self.cached_profiles:  # a first run compiled kernels
             self.cached_profiles.add(index)
             self.stream.synchronize()
-            self.runtime_cache.write_bytes(memoryview(self.cache.serialize()))
+            write_atomically(self.runtime_cache, memoryview(self.cache.serialize()))  # replicas may share it
         return results
 
 

@@ -49,6 +49,13 @@ class CLIPTextConfig:
         )
 
 
+    def num_parameters(self) -> int:
+        """The number of weights ``CLIPTextModel(self)`` holds, by arithmetic alone (no module is built)."""
+        h, inner = self.hidden_size, self.intermediate_size
+        layer = 2 * 2 * h + 4 * (h * h + h) + (h * inner + inner) + (inner * h + h)  # norms, attention, MLP
+        projection = h * self.projection_dim if self.projection_dim is not None else 0
+        return (self.vocab_size + self.max_positions) * h + self.num_layers * layer + 2 * h + projection
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 

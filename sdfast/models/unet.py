@@ -112,6 +112,51 @@ class UNetConfig:
             added_cond_dim=(cfg.get("projection_class_embeddings_input_dim") or 0) if added else 0,
         )
 
+    def num_parameters(self) -> int:
+        """The number of weights ``UNet(self)`` holds, by arithmetic alone (no module is built): what a loader compares
+        with a weight file before building anything (tests check it against the built network)."""
+        ch, levels = self.block_channels, len(self.block_channels)
+        temb = 4 * ch[0]
+        total = _conv(self.in_channels, ch[0], 3) + _linear(ch[0], temb) + _linear(temb, temb)
+        if self.added_time_dim is not None:
+            total += _linear(self.added_cond_dim, temb) + _linear(temb, temb)
+
+        def transformer(c: int, level: int) -> int:
+            inner = self.num_heads[level] * (c // self.num_heads[level])
+            block = (3 * 2 * c + 3 * c * inner + _linear(inner, c)  # norms, self-attention
+                     + c * inner + 2 * self.context_dim * inner + _linear(inner, c)  # cross-attention
+                     + _linear(c, 8 * c) + _linear(4 * c, c))  # GEGLU feed-forward
+            return 2 * c + 2 * _linear(c, c) + self.transformer_depth[level] * block  # norm, proj_in / proj_out
+
+        for i in range(levels):
+            cin, cout, n = ch[max(i - 1, 0)], ch[i], self.layers_per_block[i]
+            total += sum(_resnet(cin if j == 0 else cout, cout, temb) for j in range(n))
+            total += n * transformer(cout, i) if self.attention[i] else 0
+            total += _conv(cout, cout, 3) if i < levels - 1 else 0
+        total += 2 * _resnet(ch[-1], ch[-1], temb) + transformer(ch[-1], levels - 1)
+        for level in reversed(range(levels)):
+            cprev, cout, cskip = ch[min(level + 1, levels - 1)], ch[level], ch[max(level - 1, 0)]
+            n = self.layers_per_block[level] + 1
+            total += sum(_resnet((cprev if j == 0 else cout) + (cskip if j == n - 1 else cout), cout, temb)
+                         for j in range(n))
+            total += n * transformer(cout, level) if self.attention[level] else 0
+            total += _conv(cout, cout, 3) if level > 0 else 0
+        return total + 2 * ch[0] + _conv(ch[0], self.out_channels, 3)
+
+
+def _linear(cin: int, cout: int, bias: bool = True) -> int:
+    return cin * cout + (cout if bias else 0)
+
+
+def _conv(cin: int, cout: int, kernel: int) -> int:
+    return cin * cout * kernel * kernel + cout
+
+
+def _resnet(cin: int, cout: int, temb: int | None) -> int:
+    """The weights of a ``ResnetBlock``: two GroupNorms, two 3x3 convs, the time projection, the 1x1 shortcut."""
+    return (2 * cin + _conv(cin, cout, 3) + (_linear(temb, cout) if temb else 0) + 2 * cout + _conv(cout, cout, 3)
+            + (_conv(cin, cout, 1) if cin != cout else 0))
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float, max_period: float = 10000.0):
     """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in DDPM (diffusers' get_timestep_embedding)."""

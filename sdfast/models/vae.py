@@ -13,6 +13,7 @@ from torch import nn
 
 from .layers import Attention, GroupNorm
 from .unet import ResnetBlock, Upsample  # the same nearest-neighbour x2 + 3x3 conv in both networks
+from .unet import _conv, _linear, _resnet  # weight counts of the same layers
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,23 @@ class VAEConfig:
             force_upcast=cfg.get("force_upcast", True),
         )
 
+
+    def num_parameters(self) -> int:
+        """The number of weights ``AutoencoderKL(self)`` holds, by arithmetic alone (no module is built)."""
+        ch, lat, n = self.block_channels, self.latent_channels, self.layers_per_block
+        mid = 2 * _resnet(ch[-1], ch[-1], None) + 2 * ch[-1] + 4 * _linear(ch[-1], ch[-1])  # 2 resnets, attention
+        encoder = _conv(self.in_channels, ch[0], 3) + mid + 2 * ch[-1] + _conv(ch[-1], 2 * lat, 3)
+        for i in range(len(ch)):
+            cin, cout = ch[max(i - 1, 0)], ch[i]
+            encoder += sum(_resnet(cin if j == 0 else cout, cout, None) for j in range(n))
+            encoder += _conv(cout, cout, 3) if i < len(ch) - 1 else 0
+        up = tuple(reversed(ch))
+        decoder = _conv(lat, up[0], 3) + mid + 2 * up[-1] + _conv(up[-1], self.out_channels, 3)
+        for i in range(len(up)):
+            cin, cout = up[max(i - 1, 0)], up[i]
+            decoder += sum(_resnet(cin if j == 0 else cout, cout, None) for j in range(n + 1))
+            decoder += _conv(cout, cout, 3) if i < len(up) - 1 else 0
+        return encoder + decoder + _conv(2 * lat, 2 * lat, 1) + _conv(lat, lat, 1)
 
 class SelfAttention2d(Attention):
     """Single-head self-attention over the H*W positions, with its GroupNorm and residual (the VAE mid-block)."""
