@@ -171,9 +171,9 @@ class Request:
         strength = _number("strength", strength)
         if not 0.0 <= strength <= 1.0:
             raise RequestError("strength", strength, "outside [0, 1] (0 keeps the image, 1 ignores it)")
-        if scheduler not in SCHEDULERS:
+        if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
             raise RequestError("scheduler", scheduler, f"unknown; choose one of {', '.join(sorted(SCHEDULERS))}")
-        if preview_decode not in ("linear", "vae"):
+        if not isinstance(preview_decode, str) or preview_decode not in ("linear", "vae"):
             raise RequestError("preview_decode", preview_decode, "choose 'linear' (cheap) or 'vae' (full decode)")
         if not isinstance(long_prompts, bool):
             raise RequestError("long_prompts", long_prompts, "need True or False")
@@ -304,6 +304,8 @@ def read_image(image, limits: Limits = Limits()) -> Image.Image:
     """An input picture as RGB: a PIL image, or a path / file object read with its size checked from the header
     before anything is decoded (a small file can declare a huge picture). 16-bit and 32-bit grey pictures are
     scaled to 8 bits rather than clipped; transparency is dropped onto white."""
+    if not isinstance(image, (Image.Image, str, Path)) and not hasattr(image, "read"):
+        raise RequestError("image", image, "need a PIL image, a path or an open binary file")
     if not isinstance(image, Image.Image):
         source = str(image) if isinstance(image, (str, Path)) else "the image"
         try:

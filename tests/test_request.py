@@ -40,6 +40,8 @@ def pipe(sd1):
     (dict(steps=10**9), r"steps=1000000000: over the limit of 1000"),
     (dict(guidance_scale=float("inf")), r"guidance_scale=inf: not a finite number"),
     (dict(preview_decode="png"), r"preview_decode='png': choose 'linear'"),
+    (dict(scheduler=[]), r"scheduler=\[\]: unknown; choose one of"),  # a list is unhashable: no TypeError
+    (dict(image=False), r"image=False: need a PIL image, a path or an open binary file"),
 ])
 def test_bad_fields_are_one_line_before_any_work(pipe, fields, message):
     fields = {"prompt": "a cat", **fields}
@@ -136,12 +138,15 @@ def test_a_shared_pipeline_is_safe_across_threads(sdxl):
     assert all(torch.equal(r, expected) for r in results)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(["width", "height", "steps", "guidance_scale", "scheduler", "seed",
                                         "batch_size", "clip_skip", "strength", "preview_every", "negative_prompt",
-                                        "long_prompts", "denoising_end"]),
+                                        "long_prompts", "denoising_end", "denoising_start", "preview_decode",
+                                        "latents", "image", "original_size", "aesthetic_score", "callback"]),
                        st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(),
-                                 st.text(max_size=8), st.lists(st.integers(), max_size=3)), max_size=4))
+                                 st.text(max_size=8), st.lists(st.one_of(st.integers(), st.text(max_size=2)),
+                                                               max_size=3),
+                                 st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)), max_size=5))
 def test_any_fields_give_a_request_or_a_request_error(fields):
     """Random values for every field: the outcome is a request or a clean RequestError, never another error."""
     try:

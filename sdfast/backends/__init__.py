@@ -42,7 +42,7 @@ class Backend(Protocol):
 
 def get(name: str) -> Backend | ModuleType:
     """The backend module called ``name``, or a one-line error listing them."""
-    if name not in MODULES:
+    if not isinstance(name, str) or name not in MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return importlib.import_module(f"{__name__}.{MODULES[name]}")
 
