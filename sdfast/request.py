@@ -3,9 +3,9 @@
 ``Request.check(**fields)`` applies the rules that need no model (types, ranges, limits, reading the input image),
 before anything large is allocated or loaded; ``request.fit(model)`` applies the ones that do (the default size,
 multiples of the VAE's factor, the CLIP layer range, SDXL-only inputs) and returns the request the pipeline runs.
-The Python API (``Pipeline.generate``), the CLI and ``sdfast serve`` all go through these two calls; a mistake is a
-``RequestError`` (a ``ValueError``) that names the field, the value and the fix, which the CLI words with its flag
-names (``worded``) and the server with its JSON field names.
+The Python API (``Pipeline.generate``) and the CLI go through these two calls, and so do ``sdfast serve``'s replicas
+after the server has checked its JSON against its own limits; a mistake is a ``RequestError`` (a ``ValueError``)
+that names the field, the value and the fix, which the CLI words with its flag names (``worded``).
 """
 
 from __future__ import annotations
