@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .images import save
+
 
 def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="latency per network and step across backends, beside diffusers'")
@@ -110,13 +112,12 @@ def run_bench(args) -> int:
                           *(["--peak", args.peak] if args.peak != "datasheet" else [])])
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(result: dict) -> None:  # after every backend, so a run that is killed keeps what it measured
-        partial = args.out.with_name(f".{args.out.name}.partial")
-        partial.write_text(json.dumps(result, indent=1))
-        partial.replace(args.out)
+    def save_report(result: dict) -> None:  # after every backend, so a run that is killed keeps what it measured
+        text = json.dumps(result, indent=1).encode()
+        save(lambda f: f.write(text), args.out)
 
-    result = benchmark(model, settings, label=label, command=command, on_rows=save)
-    save(result)
+    result = benchmark(model, settings, label=label, command=command, on_rows=save_report)
+    save_report(result)
     table = report.markdown(result)
     args.out.with_suffix(".md").write_text(table)
     written = [args.out, args.out.with_suffix(".md")]
