@@ -1,35 +1,34 @@
-"""ONNX export of the three networks: one graph per network, cleaned with onnxslim, checked on ONNX Runtime's CPU
-provider against the torch model, and described by a ``manifest.json`` that lets the folder load on its own.
+"""ONNX export of the networks ``sdfast.export.graphs`` describes: each graph exported with torch's exporter,
+cleaned with onnxslim, checked on ONNX Runtime's CPU provider against the torch model, and described by a
+``manifest.json`` that lets the folder load on its own; and the on-the-fly export cache, keyed by the weights.
 
-The four graphs and their signatures (what the ``onnxruntime`` and ``tensorrt`` backends call):
+Memory: a graph's weights are never held twice. The exporter streams them from the torch tensors into a scratch
+external-data file; onnxslim works on the graph with them left there (it reads only the constants under 1 MiB, the
+ones it folds or inspects); the saved graph gets them streamed from that file, one tensor at a time, into
+``NAME.onnx.data`` (or inline, under 2 GB). Exporting a network thus costs the loaded pipeline plus little more;
+the parity check adds the torch reference's activations and ONNX Runtime's session (README: measured peaks).
 
-| file | inputs | outputs |
-|---|---|---|
-| ``text_encoder.onnx`` | ``input_ids`` (B, 77) int64 | ``hidden_states`` (B, L, 77, C): every layer through the final LayerNorm, ``pooled`` (B, P) |
-| ``unet.onnx`` | ``sample`` (B, 4, h, w), ``timestep`` (B,) fp32, ``context`` (B, 77*K, C) | ``noise`` (B, 4, h, w) |
-| ``vae_decoder.onnx`` | ``latent`` (B, 4, h, w), scaled | ``image`` (B, 3, 8h, 8w) |
-| ``vae_encoder.onnx`` | ``image`` (B, 3, H, W) | ``mean``, ``logvar`` (B, 4, H/8, W/8): the posterior, unscaled |
+Parity check (``check``): each graph on ONNX Runtime's CPU provider against the torch model on inputs unlike the
+export's example. The torch reference runs on a CUDA GPU in the graph's dtype when there is one, else on the CPU in
+fp32 (an fp16 graph is then held to the fp16 tolerance against the fp32 model): fp16 convolutions on a CPU are orders
+of magnitude slower than fp32 ones (an SD 1.5 VAE decoder's check took over 40 minutes in fp16).
 
-SDXL adds ``text_encoder_2.onnx`` (OpenCLIP bigG: the same signature, ``pooled`` its projection) and two U-Net
-inputs, ``text_embeds`` (B, 1280) and ``time_ids`` (B, 6) fp32 (the refiner: 5); both text encoders' hidden states
-are then raw (SDXL reads them without the final LayerNorm; the manifest's ``text_final_norm`` says which), and the
-refiner has no ``text_encoder.onnx``. An fp16 SDXL export keeps its VAE graphs in fp32 where the VAE's config says
-``force_upcast`` (SDXL's VAE overflows in fp16), as the torch pipeline decodes it.
-
-Batch, sizes and the context length are dynamic axes. The exporter is torch's default, ``torch.onnx.export(...,
-dynamo=True)`` (torch.export + onnxscript): at opset >= 21 it writes GroupNorm as one ``GroupNormalization`` node
-(with per-channel scale and bias) and shape arithmetic as a handful of ops; older opsets get the decomposed form
-(Reshape + InstanceNormalization + Mul + Add). The legacy TorchScript exporter (``dynamo=False``) is about 25x faster on
-the tiny test models but decomposes GroupNorm at every opset and needs twice the nodes; see the README.
+The exporter is torch's default, ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript): at opset >= 21
+it writes GroupNorm as one ``GroupNormalization`` node (with per-channel scale and bias) and shape arithmetic as a
+handful of ops; older opsets get the decomposed form (Reshape + InstanceNormalization + Mul + Add). The legacy
+TorchScript exporter (``dynamo=False``) is about 25x faster on the tiny test models but decomposes GroupNorm at every
+opset and needs twice the nodes; see the README.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import copy
+import ctypes
 import dataclasses
+import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -43,6 +42,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .graphs import GraphSpec, graph_specs, pipeline_networks, text_final_norm
+from .weights import locate
 
 try:
     import fcntl  # the cache's file locks (POSIX); elsewhere the cache is not guarded against concurrent writers
@@ -66,17 +68,24 @@ except ImportError:
 
 MANIFEST = "manifest.json"
 FORMAT = "sdfast-onnx/1"  # bump when the graphs' signatures change: older folders are then refused
-# every network an export may hold: SD 1.x / 2.x have all but text_encoder_2, SDXL all five, its refiner all but
-# text_encoder (``pipeline_networks``)
-NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 DEFAULT_OPSET = 21  # the first opset with GroupNormalization-21 (per-channel scale and bias)
 MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up
-# Relative L2 error of each graph on ONNX Runtime (CPU) against the torch model in the same dtype. fp32 graphs
-# measure ~1e-6; fp16 ones up to ~2e-3, as ORT upcasts the ops it has no fp16 kernel for and torch does not.
+# Relative L2 error of each graph on ONNX Runtime (CPU) against the torch reference. fp32 graphs measure ~1e-6;
+# fp16 ones up to ~2e-3 (against the fp32 reference, or an fp16 one on a GPU), as ORT upcasts the ops it has no
+# fp16 kernel for.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-# Protobuf cannot serialise a message over 2 GiB: graphs whose weights pass this keep them in ``NAME.onnx.data``.
-# 64 MiB under the limit leaves room for what is not weights (nodes, names, shapes).
-EXTERNAL_DATA_BYTES = 2**31 - 2**26
+# Graphs whose weights pass this keep them in ``NAME.onnx.data``, streamed there one tensor at a time. A one-file
+# graph is built and serialised whole in memory, twice its weights (measured: the SD 1.5 fp16 U-Net, 1.6 GiB in one
+# file, peaked at 7.5 GiB; the 4.8 GiB SDXL U-Net with external data at 6.1 GiB), and protobuf cannot serialise one
+# past 2 GiB at all; under 512 MiB (the SD 1.5 text encoder, the VAE halves) one file is simpler and costs little.
+EXTERNAL_DATA_BYTES = 2**29
+# Constants under this size are read into the graph before onnxslim runs (it inspects biases, shapes, scalars);
+# larger ones (the weights) stay on disk while it works.
+SLIM_INLINE_BYTES = 2**20
+# Memory the parity check needs beyond the loaded pipeline, per byte of graph, measured on SD 1.5 on a CPU: ONNX
+# Runtime holds an fp16 graph and the fp32 casts of its weights (and the fp32 reference of an fp16 network is twice
+# its weights, at another time); an fp32 graph about once. ``check_memory_problem`` skips a check that would not fit.
+CHECK_MEMORY = {"fp16": 3.0, "fp32": 1.5}
 # How long a process waits for another that is exporting the same model into the same cache (a full-size SDXL
 # export on a CPU takes tens of minutes) before it gives up with an error naming the lock.
 LOCK_TIMEOUT_S = 3 * 3600.0
@@ -94,138 +103,6 @@ def require_onnx(what: str = "ONNX export") -> None:
         raise ExportError(f"{what} needs {' and '.join(missing)}: pip install \"sdfast[onnx]\"")
 
 
-# -- the graphs: thin modules around the torch networks, with the signatures in the table above --
-
-
-class TextEncoderGraph(nn.Module):
-    def __init__(self, text_encoder: nn.Module, final_norm: bool = True):
-        super().__init__()
-        self.text_encoder, self.final_norm = text_encoder, final_norm
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_encoder.all_layers(input_ids, self.final_norm)  # (B, L, 77, C), (B, P)
-
-
-class UNetGraph(nn.Module):
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # SDXL's two extra inputs; an SD 1.x / 2.x graph is exported with the first three only
-        return self.unet(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
-
-
-class VAEDecoderGraph(nn.Module):
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latent)
-
-
-class VAEEncoderGraph(nn.Module):
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.vae.posterior(image)
-
-
-@dataclass
-class GraphSpec:
-    """One network's graph: its module, named example inputs with their dynamic axes, and its output names."""
-
-    name: str
-    module: nn.Module
-    inputs: dict[str, torch.Tensor]
-    dynamic: dict[str, dict[int, str]]  # input name -> {axis: name}
-    outputs: tuple[str, ...]
-
-    def example(self, batch: int, latent: tuple[int, int], tokens: int, seed: int) -> dict[str, torch.Tensor]:
-        """Inputs like the export example at another batch, latent size (h, w) and context length."""
-        g = torch.Generator().manual_seed(seed)
-        sizes = {"batch": batch, "height": latent[0], "width": latent[1], "tokens": tokens,
-                 "image_height": 8 * latent[0], "image_width": 8 * latent[1]}
-        out = {}
-        for name, t in self.inputs.items():
-            shape = list(t.shape)
-            for axis, axis_name in self.dynamic[name].items():
-                shape[axis] = sizes[axis_name]
-            if t.dtype == torch.int64:  # token ids: reuse the example's real prompts, which hold an eos each
-                out[name] = t[torch.arange(batch) % t.shape[0]]
-            elif name == "timestep":
-                out[name] = torch.rand(shape, generator=g) * 999
-            elif name == "time_ids":  # SDXL's sizes and crop offsets (or aesthetic score), in pixels
-                out[name] = torch.randint(0, 1025, shape, generator=g).float()
-            else:
-                out[name] = torch.randn(shape, generator=g).to(t.dtype)
-        return out
-
-
-def pipeline_networks(pipe) -> tuple[str, ...]:
-    """The networks a loaded pipeline exports: SD's four, SDXL's five, the SDXL refiner's four (no first encoder)."""
-    return tuple(n for n in NETWORKS if not n.startswith("text_encoder") or getattr(pipe, n) is not None)
-
-
-def text_final_norm(pipe) -> bool:
-    """Whether the text-encoder graphs hold hidden states through the final LayerNorm (SD 1.x / 2.x's CLIP skip)
-    or raw (SDXL, which conditions on a raw penultimate state)."""
-    return not pipe.is_xl
-
-
-def upcast_vae(pipe) -> bool:
-    """Whether the VAE graphs are exported in fp32 from an fp16 pipeline: SDXL's VAE (config ``force_upcast``)
-    overflows in fp16, so the torch pipeline decodes it in fp32 and the graphs must too."""
-    return pipe.is_xl and pipe.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
-
-
-def graph_specs(pipe, latent: int = 16) -> list[GraphSpec]:
-    """The graphs of a loaded torch ``Pipeline`` (``pipeline_networks``), with example inputs at batch 2 and a
-    ``latent`` x ``latent`` latent. The default 16 keeps the U-Net's deepest level above 1x1 for SD's three
-    halvings, so torch.export sees no size-1 axis it would specialise on."""
-    dtype = pipe.dtype
-    g = torch.Generator().manual_seed(0)
-    unet, vae = pipe.unet.config, pipe.vae.config
-    image = 8 * latent
-    specs = []
-    for name, tokenizer, encoder in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
-                                     ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2)):
-        if encoder is None:
-            continue
-        ids = tokenizer.encode(["a photograph of an astronaut riding a horse", "a red circle"])[:, 0]  # (2, 77)
-        specs.append(GraphSpec(name, TextEncoderGraph(encoder, text_final_norm(pipe)), {"input_ids": ids},
-                               {"input_ids": {0: "batch"}}, ("hidden_states", "pooled")))
-    tokens = (pipe.text_encoder or pipe.text_encoder_2).config.max_positions
-    unet_inputs = {"sample": torch.randn(2, unet.in_channels, latent, latent, generator=g).to(dtype),
-                   "timestep": torch.tensor([999.0, 500.0]),  # fp32 in every dtype: the embedding is fp32 maths
-                   "context": torch.randn(2, tokens, unet.context_dim, generator=g).to(dtype)}
-    unet_axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-                 "context": {0: "batch", 1: "tokens"}}
-    if pipe.is_xl:  # pooled text (B, P) in the model's dtype; micro-conditioning numbers (B, 6 or 5) in fp32
-        pooled = pipe.text_encoder_2.config.projection_dim
-        numbers = (unet.added_cond_dim - pooled) // unet.added_time_dim
-        unet_inputs["text_embeds"] = torch.randn(2, pooled, generator=g).to(dtype)
-        unet_inputs["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024][:numbers]] * 2)
-        unet_axes.update(text_embeds={0: "batch"}, time_ids={0: "batch"})
-    specs.append(GraphSpec("unet", UNetGraph(pipe.unet), unet_inputs, unet_axes, ("noise",)))
-    vae_net, vae_dtype = pipe.vae, dtype
-    if upcast_vae(pipe):  # an fp32 copy for the export only (~0.3 GB for SD's VAE); the pipeline keeps its own
-        vae_net, vae_dtype = copy.deepcopy(pipe.vae).float(), torch.float32
-    specs += [
-        GraphSpec("vae_decoder", VAEDecoderGraph(vae_net),
-                  {"latent": torch.randn(2, vae.latent_channels, latent, latent, generator=g).to(vae_dtype)},
-                  {"latent": {0: "batch", 2: "height", 3: "width"}}, ("image",)),
-        GraphSpec("vae_encoder", VAEEncoderGraph(vae_net),
-                  {"image": (torch.rand(2, vae.in_channels, image, image, generator=g) * 2 - 1).to(vae_dtype)},
-                  {"image": {0: "batch", 2: "image_height", 3: "image_width"}}, ("mean", "logvar")),
-    ]
-    return specs
-
-
 # -- export, cleanup, check --
 
 
@@ -239,9 +116,14 @@ class NetworkReport:
     external_data: str | None
     inputs: list[dict]  # [{"name", "shape" (ints and axis names), "dtype"}]
     outputs: list[dict]
-    slim: dict  # {"nodes_before", "nodes_after", "removed": {op: n}, "added": {op: n}}
-    check: dict  # {"rel_err": {output: err}, "tolerance", "provider", "shapes"}
-    export_s: float
+    slim: dict  # {"nodes_before", "nodes_after", "removed": {op: n}, "added": {op: n}[, "skipped": why]}
+    check: dict | None  # {"rel_err": {output: err}, "tolerance", "provider", "reference", "shapes"}; None: unchecked
+    export_s: float  # torch's exporter, onnxslim and the save
+    check_s: float | None
+    peak_rss_bytes: int | None  # the process's peak resident memory while this network was exported and checked
+    # where LoRAs write: {module path: [initializer, transposed, shape]} (sdfast.export.weights); text encoders and
+    # U-Net only
+    weights: dict | None = None
 
 
 def _quiet_export():
@@ -257,14 +139,22 @@ def _quiet_export():
     return stack
 
 
-def to_onnx(spec: GraphSpec, opset: int) -> "onnx.ModelProto":
-    """Export one graph with torch's dynamo-based exporter; dynamic axes named as in ``spec.dynamic``."""
+def to_onnx(spec: GraphSpec, opset: int, path: Path) -> "onnx.ModelProto":
+    """Export one graph with torch's dynamo-based exporter (dynamic axes named as in ``spec.dynamic``) to ``path``,
+    every weight streamed from the torch tensors into ``path.name + '.data'``. Returns the graph with its weights
+    left in that file, the constants under SLIM_INLINE_BYTES read in (``save`` streams the rest)."""
     with _quiet_export(), torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
             spec.module.eval(), tuple(spec.inputs.values()), dynamo=True, opset_version=opset, verbose=False,
             input_names=list(spec.inputs), output_names=list(spec.outputs), optimize=True,
             dynamic_shapes=tuple(spec.dynamic[name] for name in spec.inputs))
-    return program.model_proto
+        program.save(str(path), external_data=True)
+    del program  # (its ONNX model shares the torch tensors: nothing large is freed, but nothing is kept either)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in _tensors(model):
+        if _external(tensor) and _nbytes(tensor) < SLIM_INLINE_BYTES:
+            _set_inline(tensor, _read_external(tensor, path.parent))
+    return model
 
 
 def op_counts(model: "onnx.ModelProto") -> collections.Counter:
@@ -273,11 +163,17 @@ def op_counts(model: "onnx.ModelProto") -> collections.Counter:
 
 def slim(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict]:
     """Clean a graph with onnxslim (constant folding, dead-node removal, shape-op simplification, pattern fusion)
-    and report what it changed, op by op."""
+    and report what it changed, op by op. A graph from ``to_onnx`` keeps its weights on disk meanwhile; should
+    onnxslim need the values of one of them, the graph is left as it was and the report says why."""
     before = op_counts(model)
-    # no_shape_infer: torch's exporter has annotated the shapes already, the result is the same on our graphs,
-    # and onnxslim's fallback inference serialises the graph, which fails past 2 GiB (the SD 1.5 U-Net in fp32)
-    slimmed = onnxslim.slim(model, no_shape_infer=True)
+    try:
+        # no_shape_infer: torch's exporter has annotated the shapes already, the result is the same on our graphs,
+        # and onnxslim's fallback inference serialises the graph, which fails past 2 GiB (the SD 1.5 U-Net in fp32)
+        slimmed = onnxslim.slim(model, no_shape_infer=True)
+    except (onnx.checker.ValidationError, OSError) as e:  # it tried to read a weight left in the external data
+        return model, {"nodes_before": sum(before.values()), "nodes_after": sum(before.values()), "removed": {},
+                       "added": {}, "skipped": f"onnxslim needed a weight over {SLIM_INLINE_BYTES >> 20} MiB, which "
+                       f"stays on disk to bound memory ({str(e)[:200]})"}
     after = op_counts(slimmed)
     return slimmed, {"nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
                      "removed": dict(sorted((before - after).items())), "added": dict(sorted((after - before).items()))}
@@ -288,24 +184,81 @@ def slim_summary(report: dict, most: int = 4) -> str:
     def ops(counts: dict) -> str:
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         return ", ".join(f"{op} {n}" for op, n in top[:most]) + (", ..." if len(top) > most else "")
+    if report.get("skipped"):
+        return f"onnxslim skipped: {report['skipped']}"
     parts = [f"removed {ops(report['removed'])}" if report["removed"] else "removed nothing"]
     if report["added"]:
         parts.append(f"added {ops(report['added'])}")
     return "; ".join(parts)
 
 
-def save(model: "onnx.ModelProto", path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> str | None:
-    """Write ``path``; weights go to ``path.name + '.data'`` beside it when they pass ``external_data_bytes``.
-    Returns the external data file's name, or None."""
+def save(model: "onnx.ModelProto", path: Path, base_dir: Path | None = None,
+         external_data_bytes: int = EXTERNAL_DATA_BYTES) -> str | None:
+    """Write ``path``: one file when the weights total at most ``external_data_bytes``, else every tensor of 1 KiB or
+    more in ``path.name + '.data'`` beside it. Weights that ``model`` keeps in external data under ``base_dir`` (as
+    ``to_onnx`` leaves them) are copied from there one tensor at a time, never all in memory. Returns the external
+    data file's name, or None."""
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    weights = sum(t.ByteSize() for t in model.graph.initializer)  # model.ByteSize() itself fails past 2 GiB
-    if weights <= external_data_bytes:
+    tensors = list(_tensors(model))
+    if sum(_nbytes(t) for t in tensors) <= external_data_bytes:  # model.ByteSize() itself fails past 2 GiB
+        for tensor in tensors:
+            if _external(tensor):
+                _set_inline(tensor, _read_external(tensor, base_dir))
         onnx.save(model, str(path))
         return None
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)
+    with open(data, "wb") as f:
+        for tensor in tensors:
+            if _external(tensor):
+                raw = _read_external(tensor, base_dir)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                raw = tensor.raw_data
+            else:
+                continue
+            offset = f.tell()
+            f.write(raw)
+            # ONNX Runtime maps unaligned offsets too (onnx_ir packs densely for the same reason)
+            _set_external(tensor, data.name, offset, len(raw))
+            del raw
+    onnx.save(model, str(path))
     return data.name
+
+
+def _tensors(model: "onnx.ModelProto"):
+    """Every tensor of a graph: initializers and those in node attributes (``Constant``), subgraphs included."""
+    return onnx.external_data_helper._get_all_tensors(model)
+
+
+def _external(tensor) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _nbytes(tensor) -> int:
+    if _external(tensor):
+        return int(onnx.external_data_helper.ExternalDataInfo(tensor).length)
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+
+
+def _read_external(tensor, base_dir: Path) -> bytes:
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    with open(Path(base_dir) / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        return f.read(info.length)
+
+
+def _set_inline(tensor, raw: bytes) -> None:
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")  # unset, as a tensor the exporter wrote inline (not DEFAULT: 2 more bytes)
+    tensor.raw_data = raw
+
+
+def _set_external(tensor, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
 
 
 def sha256_files(*paths: Path) -> str:
@@ -354,14 +307,28 @@ def io_description(model: "onnx.ModelProto") -> tuple[list[dict], list[dict]]:
     return describe(model.graph.input), describe(model.graph.output)
 
 
-def ort_session(path: Path, providers: list | None = None) -> "onnxruntime.InferenceSession":
+def ort_session(path: Path, providers: list | None = None, *, lean: bool = False,
+                initializers: dict | None = None) -> "onnxruntime.InferenceSession":
+    """An ONNX Runtime session for ``path``; ``initializers`` ({name: OrtValue}, kept alive by the caller) replace
+    those of the file (LoRAs: no new export). ``lean``: for a one-off run (the export's check), basic graph
+    optimisations only, so ORT does not fold the fp32 casts of an fp16 graph's weights into a second set of weights
+    (and prepack them), and no memory arena keeping the run's peak: on the SD 1.5 fp16 U-Net, a peak of 4.6 GB
+    instead of 5.7 GB (6.5 GB without the arena)."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about every fp16 node it runs through a cast on CPU
     # torch runs the scheduler between graph calls: ORT threads spinning after each run would steal its cores
     # (measured on 2 cores: a U-Net run + a torch matmul took 4.0 ms spinning, 2.7 ms not)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if lean:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.enable_cpu_mem_arena = False
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
+    # ORT 1.32's NCHWc layout transformer (CPU, ENABLE_ALL) reorders a convolution's weights from the file's
+    # initializer, not the override: outputs as if nothing were overridden (measured on the tiny U-Net's 1x1 convs)
+    disabled = ["NchwcTransformer"] if initializers else None
     providers = providers or ["CPUExecutionProvider"]
-    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    session = onnxruntime.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
     asked = [p if isinstance(p, str) else p[0] for p in providers]
     # ORT only warns when the CUDA provider fails to load (a CPU build, missing CUDA / cuDNN libraries) and runs
     # the whole graph on the CPU instead
@@ -394,40 +361,154 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@torch.inference_mode()
-def check(spec: GraphSpec, path: Path, dtype: str, inputs: dict[str, torch.Tensor] | None = None) -> dict:
+def reference_device() -> torch.device:
+    """Where ``check`` runs the torch reference: a CUDA GPU when there is one (in the graph's dtype), else the CPU in
+    fp32, as fp16 convolutions on a CPU are orders of magnitude slower than fp32 ones."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _moved(module: nn.Module, device: torch.device, dtype: torch.dtype):
+    """``module`` with its floating-point weights on ``device`` in ``dtype`` for the ``with`` block, then with the very
+    tensors it had (same storage: weights mapped from a safetensors file stay mapped, not copied). The module's own
+    parameters are converted, so there is no second module: besides the converted weights, only the originals are
+    held (free when they are mapped from the checkpoint, as an fp16 model loaded in fp16 is). Nothing else may use
+    the module meanwhile."""
+    moved = []
+    try:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.is_floating_point() and (t.device != device or t.dtype != dtype):
+                moved.append((t, t.data))
+                t.data = t.data.to(device, dtype)
+        yield module
+    finally:
+        for t, original in moved:
+            t.data = original
+        del moved
+        _release_memory()
+
+
+@torch.no_grad()  # not inference_mode: the weights converted and restored here must stay ordinary tensors
+def check(spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor] | None = None, *,
+          device: str | torch.device | None = None) -> dict:
     """Run the graph on ONNX Runtime's CPU provider and the torch module on the same inputs; raise ExportError
-    when any output's relative error passes the dtype's tolerance. Default inputs: batch 3, a 16x24 latent and a
-    two-chunk context, all unlike the export's example, so a wrongly frozen axis shows up here."""
+    when any output's relative error passes the tolerance of the graph's dtype.
+
+    The torch reference runs on ``device`` (default ``reference_device()``): on a GPU in the graph's dtype, on the
+    CPU in fp32 (the graph's fp16 inputs upcast exactly, the fp16 tolerance kept). It runs before ONNX Runtime loads
+    the graph, so an fp16 network's fp32 weights and the session are not in memory together. Default inputs: batch
+    3, a 16x24 latent and a two-chunk context, all unlike the export's example, so a wrongly frozen axis shows up
+    here, and small, so the check takes seconds at any model size."""
     if inputs is None:
         inputs = spec.example(3, (16, 24), 154, seed=1)
-    session = ort_session(path)
+    device = torch.device(device) if device is not None else reference_device()
+    ref_dtype = spec.dtype if device.type == "cuda" else torch.float32
+    upcast = ref_dtype != spec.dtype
+    with _moved(spec.module, device, ref_dtype) as module:
+        # fp32 inputs (the timestep, SDXL's time_ids) stay fp32; the graph's own dtype goes to the reference's
+        args = [(t.float() if upcast and t.is_floating_point() else t).to(device) for t in inputs.values()]
+        want = module(*args)
+        want = [w.cpu() for w in (want if isinstance(want, tuple) else (want,))]
+        del args
+    session = ort_session(path, lean=True)
     got = session.run(list(spec.outputs), {name: t.numpy() for name, t in inputs.items()})
-    want = spec.module(*inputs.values())
-    want = want if isinstance(want, tuple) else (want,)
+    del session
+    _release_memory()
     errors = {name: rel_err(torch.from_numpy(g), w) for name, g, w in zip(spec.outputs, got, want)}
+    dtype = _dtype_name(spec.dtype)
     tolerance = TOLERANCE[dtype]
-    report = {"rel_err": errors, "tolerance": tolerance, "provider": "CPUExecutionProvider",
+    reference = f"torch {_dtype_name(ref_dtype)} on {device.type}"
+    report = {"rel_err": errors, "tolerance": tolerance, "provider": "CPUExecutionProvider", "reference": reference,
               "shapes": {name: list(t.shape) for name, t in inputs.items()}}
     bad = {name: err for name, err in errors.items() if not err < tolerance}  # NaN fails too
     if bad:
         raise ExportError(f"{path.name} does not match the torch model on ONNX Runtime (CPU): relative error "
-                          f"{bad} over the {dtype} tolerance {tolerance}")
+                          f"{bad} over the {dtype} tolerance {tolerance} (reference: {reference})")
     return report
 
 
-def export_network(spec: GraphSpec, folder: Path, opset: int, dtype: str, *, check_graph: bool = True,
+def export_network(spec: GraphSpec, folder: Path, opset: int, *, check_graph: bool = True,
                    external_data_bytes: int = EXTERNAL_DATA_BYTES) -> NetworkReport:
+    """Export, slim, save and (``check_graph``) check one graph as ``folder/NAME.onnx``; the torch exporter writes
+    into a scratch folder beside it, removed after."""
+    _release_memory()  # what loading the model or the network before freed, so the peak below is this network's
+    _reset_peak_rss()
     start = time.perf_counter()
-    model, slim_report = slim(to_onnx(spec, opset))
     path = folder / f"{spec.name}.onnx"
-    external = save(model, path, external_data_bytes)
-    export_s = time.perf_counter() - start
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", suffix=".export", dir=folder))
+    try:
+        model = to_onnx(spec, opset, scratch / path.name)
+        model, slim_report = slim(model)
+        external = save(model, path, scratch, external_data_bytes)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     inputs, outputs = io_description(model)
-    report = check(spec, path, dtype) if check_graph else {}
+    del model
+    _release_memory()
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
     size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
+    report, check_s = None, None
+    if check_graph:
+        too_big = check_memory_problem(spec, size)
+        report = {"skipped": too_big} if too_big else check(spec, path)
+        check_s = time.perf_counter() - start
     return NetworkReport(path.name, file_hash(path), size, external, inputs, outputs, slim_report, report,
-                         round(export_s, 2))
+                         round(export_s, 2), check_s and round(check_s, 2), peak_rss())
+
+
+def check_memory_problem(spec: GraphSpec, graph_bytes: int) -> str | None:
+    """Why checking a graph of ``graph_bytes`` would not fit in the memory this machine has available now, or
+    None. The check needs about CHECK_MEMORY[dtype] bytes per graph byte beyond the loaded pipeline, plus 1 GiB
+    for the activations at its small shapes; Linux's MemAvailable counts the pipeline's weights mapped from the
+    checkpoint as reclaimable, as they are."""
+    available = _available_memory()
+    dtype = _dtype_name(spec.dtype)
+    need = CHECK_MEMORY[dtype] * graph_bytes + 2**30
+    if available is None or need <= available:
+        return None
+    return (f"the check of this {graph_bytes / 2**30:.1f} GiB {dtype} graph needs about {need / 2**30:.1f} GiB "
+            f"more and {available / 2**30:.1f} GiB is available; it was not run: free memory, or export on a machine "
+            "with more (the graph is written, unchecked)")
+
+
+def _available_memory() -> int | None:
+    """Linux's MemAvailable in bytes (free memory plus what the kernel can reclaim), or None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _release_memory() -> None:
+    """Hand freed memory back to the system: glibc keeps freed blocks under 32 MiB (most weights and activations)
+    in its heap, so without this each network's peak would sit under the next one's (measured: 5.9 GB resident
+    after the SD 1.5 fp16 U-Net's check, for a 2.2 GB pipeline)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak of ``peak_rss`` (Linux: writing 5 to clear_refs resets VmHWM; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux; None elsewhere): since it started, or since the
+    current network's export began (``export_network`` resets it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 # -- the whole pipeline, the manifest, and reading it back --
@@ -466,14 +547,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return names[dtype]
 
 
+def network_summary(r: NetworkReport) -> str:
+    """One line of what exporting a network did: size, onnxslim, parity, time and peak memory."""
+    if r.check and r.check.get("skipped"):
+        checked = f"check skipped: {r.check['skipped']}"
+    elif r.check:
+        err = max(r.check["rel_err"].values())
+        checked = f"rel. error {err:.1e} on ONNX Runtime against {r.check['reference']}, check {r.check_s:.1f} s"
+    else:
+        checked = "not checked against torch"
+    peak = f", peak RSS {r.peak_rss_bytes / 2**30:.1f} GiB" if r.peak_rss_bytes else ""
+    return (f"{r.file}: {r.bytes / 2**20:.1f} MiB, {r.slim['nodes_before']} -> {r.slim['nodes_after']} nodes after "
+            f"onnxslim ({slim_summary(r.slim)}), export {r.export_s:.1f} s, {checked}{peak}")
+
+
+LORA_NETWORKS = ("unet", "text_encoder", "text_encoder_2")  # what LoRAs patch: their weights are located for them
+
+
 def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: bool = True,
                     external_data_bytes: int = EXTERNAL_DATA_BYTES, networks=None, model_hash: str | None = None,
                     log=None) -> dict:
     """Export a loaded torch ``Pipeline`` (on the CPU, in fp32 or fp16) to ``folder``: one ONNX file per network
     (``networks``, default all of the pipeline's), the tokenizer(s), the scheduler config and ``manifest.json``.
-    Each graph is slimmed, then checked on ONNX Runtime against the torch model (``check_graphs``). Returns the
-    manifest. ``log(line)`` hears about each network; ``model_hash`` saves hashing the weights again when the
-    caller has done it."""
+    Each graph is slimmed, then checked on ONNX Runtime against the torch model (``check_graphs``; off, the graphs
+    are written unchecked and the manifest's ``check`` entries are null). Returns the manifest. ``log(line)`` hears
+    about each network; ``model_hash`` saves hashing the weights again when the caller has done it."""
     require_onnx()
     dtype = _dtype_name(pipe.dtype)
     if pipe.device.type != "cpu":
@@ -493,13 +591,12 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
     for spec in graph_specs(pipe):
         if spec.name not in networks:
             continue
-        reports[spec.name] = export_network(spec, folder, opset, dtype, check_graph=check_graphs,
+        reports[spec.name] = export_network(spec, folder, opset, check_graph=check_graphs,
                                             external_data_bytes=external_data_bytes)
+        if spec.name in LORA_NETWORKS:
+            reports[spec.name].weights = locate(folder / reports[spec.name].file, getattr(pipe, spec.name))
         if log:
-            r = reports[spec.name]
-            err = max(r.check["rel_err"].values()) if r.check else float("nan")
-            log(f"{r.file}: {r.bytes / 2**20:.1f} MiB, {r.slim['nodes_before']} -> {r.slim['nodes_after']} nodes "
-                f"after onnxslim ({slim_summary(r.slim)}), rel. error {err:.1e} on ONNX Runtime, {r.export_s:.1f} s")
+            log(network_summary(reports[spec.name]))
     tokenizers = {name: tok for name, tok in (("tokenizer", pipe.tokenizer), ("tokenizer_2", pipe.tokenizer_2))
                   if tok is not None}
     for name, tokenizer in tokenizers.items():
@@ -516,7 +613,7 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
                     for name in ("text_encoder", "text_encoder_2", "unet", "vae") if getattr(pipe, name) is not None},
         **{name: name for name in tokenizers},  # folders beside the graphs, so the export loads with no checkpoint
         "text_final_norm": text_final_norm(pipe),  # False: the hidden states are raw (SDXL)
-        "options": pipe.options,  # SDXL's force_zeros_for_empty_prompt / requires_aesthetics_score
+        "options": pipe.xl_options,  # SDXL's force_zeros_for_empty_prompt / requires_aesthetics_score
         "scheduler_config": "scheduler/scheduler_config.json",
         "networks": {name: dataclasses.asdict(r) for name, r in reports.items()},
         "tools": tool_versions(),

@@ -25,13 +25,13 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sdfast.files import write_atomically
 
 from .onnx import file_hash, file_lock, read_manifest, sha256_files
 
@@ -262,8 +262,13 @@ def verified(path: Path) -> dict:
 
 def _key_fields(folder: Path, network: str, manifest: dict, network_profiles: list, precision: str) -> dict:
     onnx_file = folder / manifest["networks"][network]["file"]
+    # The weights LoRAs write (the manifest's map) are built refittable where a GPU is: TensorRT-RTX's JIT needs
+    # CUDA to build a refittable engine (REFIT, REFIT_INDIVIDUAL, REFIT_IDENTICAL all fail without one, measured
+    # with 1.7), so engines built on a CPU-only machine take no LoRA (the backend says so).
+    located = (manifest["networks"][network].get("weights") or {}).values()
+    refit = sorted({name for name, _, _ in located}) if torch.cuda.is_available() else []
     return {"network": network, "onnx_sha256": file_hash(onnx_file), "profiles": network_profiles,
-            "precision": precision, **flavour(), "gpu": gpu()}
+            "precision": precision, **flavour(), "gpu": gpu(), "refit": refit}
 
 
 def find_engines(folder, network: str) -> list[Engine]:
@@ -305,14 +310,16 @@ def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=None, 
     folder = Path(folder)
     manifest = read_manifest(folder)
     networks = tuple(manifest["networks"]) if networks is None else networks
+    unknown = [network for network in networks if network not in manifest["networks"]]
+    if unknown:  # before any build: a full-size U-Net takes minutes
+        raise EngineError(f"{folder} has no {unknown[0]} graph (exported: {', '.join(manifest['networks'])}): "
+                          "name those")
     trt = tensorrt()
     check_target()
     precision = _precision(manifest["dtype"], fp16)
     (folder / ENGINES).mkdir(exist_ok=True)
     results = {}
     for network in networks:
-        if network not in manifest["networks"]:
-            raise EngineError(f"{folder} has no {network} graph (exported: {', '.join(manifest['networks'])})")
         network_profiles = profiles(network, manifest, shapes)
         fields = _key_fields(folder, network, manifest, network_profiles, precision)
         key = engine_key(fields)
@@ -327,22 +334,6 @@ def build_engines(folder, shapes: Shapes, *, fp16: bool = False, networks=None, 
                     log(f"{e}; rebuilding")
             results[network] = _build(trt, folder, network, manifest, fields, key, path, log)
     return results
-
-
-def write_atomically(path: Path, data) -> None:
-    """Write ``data`` (bytes-like) to a unique temporary file beside ``path``, then rename it onto ``path``: a
-    reader sees the old file or the whole new one, never part of it, and two writers never share a temporary."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _precision(dtype: str, fp16: bool) -> str:
@@ -377,6 +368,12 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
     config = builder.create_builder_config()
     if not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if fields["refit"]:  # the weights LoRAs write (the manifest's map), refitted in place: no rebuild per LoRA
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+        unknown = [name for name in fields["refit"] if not graph.mark_weights_refittable(name)]
+        if unknown:
+            raise EngineError(f"{fields['flavour']} finds no weights named {unknown[:3]} in {onnx_path.name}: "
+                              "export the model again")
     for network_profile in fields["profiles"]:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in network_profile.items():
@@ -405,7 +402,8 @@ def _build(trt, folder: Path, network: str, manifest: dict, fields: dict, key: s
           for t in tensors]
     meta = {"network": network, "key": key, "key_fields": fields, "profiles": fields["profiles"], "io": io,
             "onnx_file": onnx_path.name, "engine_bytes": path.stat().st_size, "engine_sha256": sha256_files(path),
-            "build_s": round(build_s, 2), "timing_cache": timing_cache is not None, "built_at": time.time()}
+            "build_s": round(build_s, 2), "timing_cache": timing_cache is not None, "built_at": time.time(),
+            "refittable": sum(graph.are_weights_marked_refittable(name) for name in fields["refit"])}
     write_atomically(sidecar, json.dumps(meta, indent=1).encode())
     log(f"{path.name}: built in {build_s:.1f} s ({network}, {fields['precision']}, {fields['flavour']} "
         f"{fields['version']}, {len(fields['profiles'])} profile(s), {meta['engine_bytes'] / 2**20:.1f} MiB)")

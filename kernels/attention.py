@@ -44,7 +44,6 @@ FULL_CONFIGS = _configs()
 # 64-wide heads (128 x 64 tiles, 3 stages) plus smaller tiles that the pruning keeps for 160-wide heads. A guess.
 QUICK_FALLBACK = [{"kwargs": {"BLOCK_M": bm, "BLOCK_N": bn}, "num_warps": warps, "num_stages": stages}
                   for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2))]
-QUICK_CONFIGS = tuning.quick("attention", FULL_CONFIGS, QUICK_FALLBACK)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -114,7 +113,10 @@ def _autotuned(configs: list[triton.Config]):
 
 
 # One autotuner per list over the same kernel, each with its own cache of winners per key.
-AUTOTUNERS = {"attention:quick": _autotuned(QUICK_CONFIGS), "attention:full": _autotuned(FULL_CONFIGS)}
+AUTOTUNERS = tuning.Autotuners({
+    "attention:quick": lambda: _autotuned(tuning.quick("attention", FULL_CONFIGS, QUICK_FALLBACK)),
+    "attention:full": lambda: _autotuned(FULL_CONFIGS),
+})
 
 
 def supports(head_dim: int) -> bool:

@@ -155,18 +155,21 @@ def _group_norm_apply_kernel(
         tl.store(y_base + c[:, None] * stride_yc + p[None, :] * stride_yp, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _autotuned(name: str, kernel, key: list[str]) -> dict:
-    """The kernel's quick and full autotuners; its quick list comes from its own saved winners (``name``)."""
-    quick = tuning.quick(name, FULL_CONFIGS, QUICK_FALLBACK)
-    return {mode: triton.autotune(configs=configs, key=key)(kernel)
-            for mode, configs in (("quick", quick), ("full", FULL_CONFIGS))}
+def _autotuners(name: str, kernel, key: list[str]) -> dict:
+    """How to build the kernel's quick and full autotuners; its quick list comes from its own saved winners
+    (``name``)."""
+    def autotuned(configs: list[triton.Config]):
+        return triton.autotune(configs=configs, key=key)(kernel)
+
+    return {f"{name}:quick": lambda: autotuned(tuning.quick(name, FULL_CONFIGS, QUICK_FALLBACK)),
+            f"{name}:full": lambda: autotuned(FULL_CONFIGS)}
 
 
 # One autotuner per kernel and list, each with its own cache of winners per key.
-_STATS = _autotuned("group_norm_stats", _group_norm_stats_kernel, ["CPG", "HW", "BLOCK_C", "HAS_SHIFT"])
-_APPLY = _autotuned("group_norm_apply", _group_norm_apply_kernel, ["CPG", "HW", "BLOCK_C", "SILU", "HAS_SHIFT"])
-AUTOTUNERS = {**{f"group_norm_stats:{mode}": tuner for mode, tuner in _STATS.items()},
-              **{f"group_norm_apply:{mode}": tuner for mode, tuner in _APPLY.items()}}
+AUTOTUNERS = tuning.Autotuners({
+    **_autotuners("group_norm_stats", _group_norm_stats_kernel, ["CPG", "HW", "BLOCK_C", "HAS_SHIFT"]),
+    **_autotuners("group_norm_apply", _group_norm_apply_kernel, ["CPG", "HW", "BLOCK_C", "SILU", "HAS_SHIFT"]),
+})
 
 
 def _position_strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -211,12 +214,13 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
     mean = torch.empty(bsz * groups, chunks, device=x.device, dtype=torch.float32)  # (B*G, CHUNKS)
     m2 = torch.empty_like(mean)
     grid = (bsz * groups, chunks)
-    _STATS[mode][grid](x, shift_arg, mean, m2, hw, groups, cpg, *_position_strides(x),
-                       HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c)
-    _APPLY[mode][grid](x, y, shift_arg, weight, bias, mean, m2, hw, groups, cpg, eps,
-                       *_position_strides(x), *_position_strides(y), SILU=silu,
-                       HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c,
-                       BLOCK_CHUNKS=triton.next_power_of_2(chunks))
+    stats, apply = AUTOTUNERS[f"group_norm_stats:{mode}"], AUTOTUNERS[f"group_norm_apply:{mode}"]
+    stats[grid](x, shift_arg, mean, m2, hw, groups, cpg, *_position_strides(x),
+                HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c)
+    apply[grid](x, y, shift_arg, weight, bias, mean, m2, hw, groups, cpg, eps,
+                *_position_strides(x), *_position_strides(y), SILU=silu,
+                HAS_SHIFT=shift is not None, CHUNK_HW=chunk_hw, BLOCK_C=block_c,
+                BLOCK_CHUNKS=triton.next_power_of_2(chunks))
     return y
 
 

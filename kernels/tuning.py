@@ -8,6 +8,8 @@ too long for a short GPU session or a server's cold start. ``autotune="quick"`` 
   most ``QUICK_LIMIT``);
 - else a hand-picked fallback per kernel (a guess, until a run measures one).
 Both lists draw only from the full list, so a quick winner is always a config the full sweep would also try.
+A kernel module names its autotuners in an ``Autotuners`` mapping, which builds each on first use: a quick list
+asks the GPU for its compute capability, and importing a kernel module should not initialise CUDA.
 
 ``snapshot(...)`` reads the winners out of the autotuners after a run, in the format this module reads back.
 """
@@ -15,7 +17,9 @@ Both lists draw only from the full list, so a quick winner is always a config th
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -57,6 +61,29 @@ def quick(kernel: str, full: list, fallback: list[dict], *, arch: str | None = N
     picked = [by_text[text] for text in dict.fromkeys(json.dumps(w, sort_keys=True) for w in wanted)
               if text in by_text]
     return picked[:QUICK_LIMIT] or full[:1]
+
+
+class Autotuners(Mapping):
+    """Named autotuners (``"attention:quick"``, ...), each built by its ``builders`` entry on first lookup and kept:
+    one autotuner, and so one cache of winners, per name for the life of the process."""
+
+    def __init__(self, builders: dict[str, Callable[[], object]]):
+        self._builders = builders
+        self._built: dict[str, object] = {}
+        self._lock = threading.Lock()  # two threads' first calls must not build two autotuners for one name
+
+    def __getitem__(self, name: str):
+        if name not in self._built:
+            with self._lock:
+                if name not in self._built:
+                    self._built[name] = self._builders[name]()
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
 
 
 def check_mode(mode: str) -> str:

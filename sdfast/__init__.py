@@ -5,6 +5,7 @@
 """
 
 from .checkpoint import CheckpointError
-from .pipeline import Pipeline, load
+from .loading import load
+from .pipeline import Pipeline
 
 __all__ = ["CheckpointError", "Pipeline", "load"]

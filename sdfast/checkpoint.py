@@ -1,9 +1,10 @@
 """Reading checkpoints: weight files read lazily, networks built on the meta device and filled in the target dtype.
 
 Two layouts load: the diffusers folder (``model_index.json`` + one folder per network) and the original single file
-(CompVis / webui ``.safetensors`` or ``.ckpt``). Key names and transforms of each layout live in ``layouts.py``;
-this module only reads files, checks keys and shapes, and materialises the networks. Every failure is a
-``CheckpointError`` that names the file and the fix; nothing is half loaded.
+(CompVis / webui ``.safetensors`` or ``.ckpt``). Key names and transforms of each layout live in ``layouts.py``, a
+single file's configs are inferred in ``infer_config.py``, and the bounds every config value must keep are in
+``config_bounds.py``; this module only reads files, checks configs, keys and shapes, and materialises the networks.
+Every failure is a ``CheckpointError`` that names the file and the fix; nothing is half loaded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 
-from . import layouts
+from . import infer_config, layouts
+from .config_bounds import broken_relations, json_type, out_of_bounds, short_repr
 from .schedulers import ScheduleConfig
 from .tokenizer import Tokenizer
 from .models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
@@ -164,196 +166,18 @@ def read_json(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds a JSON {_json_type(value)}, not an object of fields "
-                              f"({_short(value)}): replace it with the model's own {path.name}")
+        raise CheckpointError(f"{path} holds a JSON {json_type(value)}, not an object of fields "
+                              f"({short_repr(value)}): replace it with the model's own {path.name}")
     return value
 
 
-# -- Config bounds --------------------------------------------------------------------------------------------------
-# Every config field sdfast reads, with its type and the range it may take: bounded by what any released SD 1.x /
-# 2.x / XL model uses (``released``), with generous headroom. A value outside is refused while the configs are read
-# (diffusers folders, configs inferred from a single file, ``overrides``), before anything is built or allocated,
-# in one line naming the file, the field, the value and the allowed range. Fields are diffusers' / transformers'
-# names, as in the config.json files. The relations between fields (norm groups dividing the channels, heads
-# dividing them into heads no wider than HEAD_DIM) are checked next, by ``_relations``.
-
-
-@dataclass(frozen=True)
-class Bound:
-    """One config field. ``kind``: int, float, bool or str (bool is never taken for an int, NaN and infinities
-    never for a float). ``shape``: "one" value, a "list" of them, or "level": one value or a list of one per U-Net
-    level. ``lo`` / ``hi``: inclusive, or exclusive with ``open`` (floats in (0, 1)). ``length``: a list's length.
-    ``null``: JSON null allowed (the default then applies)."""
-
-    kind: type
-    lo: float | None = None
-    hi: float | None = None
-    released: str = ""
-    shape: str = "one"
-    length: tuple[int, int] = (1, 8)
-    multiple_of: int = 1
-    null: bool = False
-    open: bool = False
-
-    def problem(self, value) -> str | None:
-        """Why ``value`` is not allowed, or None."""
-        if value is None:
-            return None if self.null else "must not be null"
-        if self.shape == "one" or (self.shape == "level" and not isinstance(value, list)):
-            return None if self._fits(value) else "out of bounds"
-        if not isinstance(value, list):
-            return "must be a list"
-        if not self.length[0] <= len(value) <= self.length[1]:
-            return f"has {len(value)} entries"
-        return None if all(self._fits(v) for v in value) else "out of bounds"
-
-    def _fits(self, v) -> bool:
-        if self.kind is bool:
-            return isinstance(v, bool)
-        if self.kind is str:
-            return isinstance(v, str)
-        if isinstance(v, bool) or not isinstance(v, (int, float) if self.kind is float else int):
-            return False
-        if not math.isfinite(v):
-            return False
-        if self.open:
-            return self.lo < v < self.hi
-        return self.lo <= v <= self.hi and (self.multiple_of == 1 or v % self.multiple_of == 0)
-
-    def allowed(self) -> str:
-        if self.kind is bool:
-            one = "true or false"
-        elif self.kind is str:
-            one = "a string"
-        elif self.open:
-            one = f"a finite number {self.lo:g} < x < {self.hi:g}"
-        else:
-            noun, lo, hi = ("an integer", f"{self.lo:,}", f"{self.hi:,}") if self.kind is int else \
-                ("a finite number", f"{self.lo:g}", f"{self.hi:g}")
-            one = f"{noun} {lo}..{hi}" + (f", a multiple of {self.multiple_of}" if self.multiple_of > 1 else "")
-        many = f"a list of {self.length[0]}..{self.length[1]:,} entries, each {one}"
-        text = {"one": one, "list": many, "level": f"{one}, or {many} (one per level)"}[self.shape]
-        return text + (", or null" if self.null else "")
-
-
-HEAD_DIM = (1, 512)  # attention head width (SD 1.x: 40..160, 2.x / XL: 64), by _relations
-_LEVELS = {"shape": "level", "length": (1, 8)}
-BOUNDS: dict[str, dict[str, Bound]] = {
-    "unet": {
-        "in_channels": Bound(int, 1, 64, "4; 9 inpainting"),
-        "out_channels": Bound(int, 1, 64, "4"),
-        "block_out_channels": Bound(int, 4, 4096, "320..1280", shape="list", multiple_of=2),
-        "down_block_types": Bound(str, shape="list"),
-        "up_block_types": Bound(str, shape="list"),
-        "layers_per_block": Bound(int, 1, 16, "2", **_LEVELS),
-        "transformer_layers_per_block": Bound(int, 1, 64, "1..10", **_LEVELS),
-        "attention_head_dim": Bound(int, 1, 4096, "8 heads, or 5..20 per level", **_LEVELS),  # a head COUNT
-        "num_attention_heads": Bound(int, 1, 4096, "null", null=True, **_LEVELS),
-        "cross_attention_dim": Bound(int, 1, 8192, "768, 1024, 2048"),
-        "norm_num_groups": Bound(int, 1, 4096, "32"),
-        "norm_eps": Bound(float, 0, 1, "1e-5", open=True),
-        "sample_size": Bound(int, 1, 1024, "64, 96, 128 latent cells", null=True),
-        "use_linear_projection": Bound(bool),
-        "upcast_attention": Bound(bool),
-        "flip_sin_to_cos": Bound(bool),
-        "freq_shift": Bound(int, 0, 1, "0"),
-        "addition_embed_type": Bound(str, null=True),
-        "addition_time_embed_dim": Bound(int, 2, 4096, "256", null=True, multiple_of=2),
-        "projection_class_embeddings_input_dim": Bound(int, 1, 65536, "2816, 2560", null=True),
-    },
-    "vae": {
-        "in_channels": Bound(int, 1, 64, "3"),
-        "out_channels": Bound(int, 1, 64, "3"),
-        "latent_channels": Bound(int, 1, 64, "4"),
-        "block_out_channels": Bound(int, 1, 4096, "128..512", shape="list"),
-        "down_block_types": Bound(str, shape="list"),
-        "up_block_types": Bound(str, shape="list"),
-        "layers_per_block": Bound(int, 1, 16, "2"),
-        "norm_num_groups": Bound(int, 1, 4096, "32"),
-        "sample_size": Bound(int, 1, 8192, "512..1024 px", null=True),
-        "scaling_factor": Bound(float, 0, 100, "0.18215, 0.13025", open=True),
-        "force_upcast": Bound(bool),
-    },
-    "text_encoder": {
-        "vocab_size": Bound(int, 1, 1_000_000, "49408"),
-        "hidden_size": Bound(int, 1, 8192, "768, 1024, 1280"),
-        "intermediate_size": Bound(int, 1, 65536, "3072..5120"),
-        "num_hidden_layers": Bound(int, 1, 64, "12, 23, 32"),
-        "num_attention_heads": Bound(int, 1, 8192, "12..20"),
-        "max_position_embeddings": Bound(int, 1, 1024, "77"),
-        "layer_norm_eps": Bound(float, 0, 1, "1e-5", open=True),
-        "projection_dim": Bound(int, 1, 8192, "768..1280", null=True),
-        "eos_token_id": Bound(int, 0, 1_000_000, "2, 49407"),
-        "hidden_act": Bound(str),
-    },
-    "scheduler": {
-        "num_train_timesteps": Bound(int, 1, 100_000, "1000"),
-        "beta_start": Bound(float, 0, 1, "0.00085", open=True),
-        "beta_end": Bound(float, 0, 1, "0.012", open=True),
-        "trained_betas": Bound(float, 0, 1, "null", shape="list", length=(1, 100_000), null=True, open=True),
-        "beta_schedule": Bound(str),
-        "prediction_type": Bound(str),
-        "timestep_spacing": Bound(str),
-        "steps_offset": Bound(int, 0, 100_000, "0, 1"),
-        "set_alpha_to_one": Bound(bool),
-        "clip_sample": Bound(bool),
-        "clip_sample_range": Bound(float, 0, 1e6, "1.0", open=True),
-        "original_inference_steps": Bound(int, 1, 100_000, "50"),
-        "timestep_scaling": Bound(float, 0, 1e6, "10.0", open=True),
-    },
-    "pipeline": {"force_zeros_for_empty_prompt": Bound(bool), "requires_aesthetics_score": Bound(bool)},
-}
-BOUNDS["text_encoder_2"] = BOUNDS["text_encoder"]
-
-
 def check_bounds(component: str, config, source: str, fix: str) -> None:
-    """``config`` (a diffusers / transformers config dict of ``component``, from ``source``) against BOUNDS: a
-    CheckpointError naming the source, the field, the value, the allowed range and ``fix`` for the first field out
-    of bounds. Fields it does not list are left to the config classes."""
-    if not isinstance(config, Mapping):
-        raise CheckpointError(f"{source}: the {component} config is a JSON {_json_type(config)} "
-                              f"({_short(config)}), not an object of fields; {fix}")
-    for name, bound in BOUNDS[component].items():
-        if name in config and (problem := bound.problem(config[name])):
-            raise CheckpointError(f"{source}: {name}={_short(config[name])} {problem}: allowed "
-                                  f"{bound.allowed()}" + (f" (released models: {bound.released})"
-                                                          if bound.released else "") + f"; {fix}")
-
-
-def _relations(unet: UNetConfig, vae: VAEConfig, texts: Mapping[str, CLIPTextConfig]) -> Iterable[tuple[str, str]]:
-    """(component, problem) for each relation between fields that the configs break: every level's channels split
-    into the norm groups and into heads of 1..512 channels each; one channel count per U-Net block type."""
-    lo, hi = HEAD_DIM
-    if len(unet.block_channels) != len(unet.attention):
-        yield "unet", (f"block_out_channels has {len(unet.block_channels)} entries but down_block_types "
-                       f"{len(unet.attention)}: give one per level")
-    for component, channels, groups in (("unet", unet.block_channels, unet.norm_groups),
-                                        ("vae", vae.block_channels, vae.norm_groups)):
-        bad = [c for c in channels if c % groups]
-        if bad:
-            yield component, (f"norm_num_groups={groups} does not divide block_out_channels entries {bad}: each "
-                              f"level's channels must split into the norm groups (released models: 32 groups)")
-    levels = [i for i, attn in enumerate(unet.attention) if attn] + [len(unet.block_channels) - 1]  # + the middle
-    for i in sorted(set(levels) & set(range(min(len(unet.block_channels), len(unet.num_heads))))):
-        c, heads = unet.block_channels[i], unet.num_heads[i]
-        if c % heads or not lo <= c // heads <= hi:
-            yield "unet", (f"level {i}'s {c} channels in {heads} heads (attention_head_dim / num_attention_heads, "
-                           f"a head count) do not make whole heads {lo}..{hi} wide (released models: 40..160)")
-    for component, cfg in texts.items():
-        if cfg.hidden_size % cfg.num_heads or not lo <= cfg.hidden_size // cfg.num_heads <= hi:
-            yield component, (f"hidden_size={cfg.hidden_size} in num_attention_heads={cfg.num_heads} does not "
-                              f"make whole heads {lo}..{hi} wide (released models: 64)")
-
-
-def _short(value, most: int = 60) -> str:
-    """``repr(value)``, cut to ``most`` characters (a config list can hold a million entries)."""
-    text = repr(value)
-    return text if len(text) <= most else text[:most - 4] + " ..."
-
-
-def _json_type(value) -> str:
-    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    """``config`` (a diffusers / transformers config dict of ``component``, from ``source``) against
+    ``config_bounds.BOUNDS``: a CheckpointError naming the source, the field, the value, the allowed range and
+    ``fix`` for the first field out of bounds."""
+    problem = out_of_bounds(component, config)
+    if problem is not None:
+        raise CheckpointError(f"{source}: {problem}; {fix}")
 
 
 # Weight file names in a diffusers component folder, in order of preference: safetensors (diffusers' and
@@ -374,7 +198,7 @@ def find_weights(folder: Path) -> WeightFile:
             weight_map = read_json(index).get("weight_map", {})
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: weight_map must map each key to a shard file name, not "
-                                      f"{_short(weight_map)}: write the index again")
+                                      f"{short_repr(weight_map)}: write the index again")
             shards = sorted(set(weight_map.values()))
             return WeightFile(folder / shard for shard in shards)
         if (folder / name).is_file():
@@ -385,7 +209,7 @@ def find_weights(folder: Path) -> WeightFile:
 @dataclass
 class Components:
     """The networks and configs of one Stable Diffusion checkpoint, loaded. SDXL adds the OpenCLIP bigG encoder
-    (``text_encoder_2``, ``tokenizer_2``) and diffusers' pipeline options; the SDXL refiner has only that encoder
+    (``text_encoder_2``, ``tokenizer_2``) and diffusers' SDXL pipeline options; the SDXL refiner has only that encoder
     (``text_encoder`` and ``tokenizer`` None)."""
 
     text_encoder: nn.Module | None
@@ -396,11 +220,11 @@ class Components:
     text_encoder_2: nn.Module | None = None
     tokenizer_2: Tokenizer | None = None
     # model_index.json's force_zeros_for_empty_prompt / requires_aesthetics_score (SDXL pipelines only)
-    options: dict = field(default_factory=dict)
+    xl_options: dict = field(default_factory=dict)
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD 1.x / 2.x: the first; SDXL: both; the refiner: the second
-PIPELINE_OPTIONS = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": False}
+XL_OPTIONS = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": False}  # diffusers' defaults
 
 
 def sources_from_rules(rules: Iterable[layouts.Rule]) -> dict[str, Source]:
@@ -432,9 +256,9 @@ def load_diffusers(folder: Path, device, dtype) -> Components:
     weights = {part: find_weights(folder / part) for part in (*encoders, "unet", "vae")}
     sources = {part: sources_from_rules(layouts.diffusers_rules(part, weights[part].keys())) for part in weights}
     text_cfgs = {part: (raw[part], "text_projection.weight" in sources[part]) for part in encoders}
-    options = {key: bool(index.get(key, default)) for key, default in PIPELINE_OPTIONS.items()}
+    xl_options = {key: bool(index.get(key, default)) for key, default in XL_OPTIONS.items()}
     names = {part: str(path) for part, path in files.items()}
-    unet_cfg, vae_cfg, te_cfgs = _network_configs(raw["unet"], raw["vae"], text_cfgs, options, where=folder,
+    unet_cfg, vae_cfg, te_cfgs = _network_configs(raw["unet"], raw["vae"], text_cfgs, xl_options, where=folder,
                                                   names=names, fix=fix)
     scheduler_config = check_scheduler_config(raw["scheduler"], names["scheduler"], fix)
     configs = {"unet": unet_cfg, "vae": vae_cfg, **te_cfgs}
@@ -463,15 +287,15 @@ def load_diffusers(folder: Path, device, dtype) -> Components:
         tokenizer=tokenizers.get("text_encoder"),
         text_encoder_2=nets.get("text_encoder_2"),
         tokenizer_2=tokenizers.get("text_encoder_2"),
-        options=options if unet_cfg.added_time_dim is not None else {},
+        xl_options=xl_options if unet_cfg.added_time_dim is not None else {},
     )
 
 
 _NETWORKS = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModel}
 
 
-def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]], options: dict, *, where: Path,
-                     names: Mapping[str, str], fix: str):
+def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]], xl_options: dict, *,
+                     where: Path, names: Mapping[str, str], fix: str):
     """The networks' configs from diffusers / transformers config dicts, checked against BOUNDS and to fit
     together. ``texts`` maps each text encoder present to (its config, whether its weights hold a text_projection);
     ``names`` says where each config comes from, ``fix`` what to do about a bad value (for the messages)."""
@@ -483,7 +307,7 @@ def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]],
         te_cfgs = {part: CLIPTextConfig.from_transformers(cfg, projected) for part, (cfg, projected) in texts.items()}
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from e
-    broken = next(iter(_relations(unet_cfg, vae_cfg, te_cfgs)), None)
+    broken = next(iter(broken_relations(unet_cfg, vae_cfg, te_cfgs)), None)
     if broken is not None:
         part, problem = broken
         raise CheckpointError(f"{names[part]}: {problem}; {fix}")
@@ -502,7 +326,7 @@ def _network_configs(unet: dict, vae: dict, texts: dict[str, tuple[dict, bool]],
                               f"U-Net takes one (U-Net SDXL: {xl}, text_encoder_2: {has_second})")
     if xl:
         pooled = te_cfgs["text_encoder_2"].projection_dim
-        numbers = 5 if options.get("requires_aesthetics_score") else 6
+        numbers = 5 if xl_options.get("requires_aesthetics_score") else 6
         if pooled is None or pooled + numbers * unet_cfg.added_time_dim != unet_cfg.added_cond_dim:
             raise CheckpointError(
                 f"{where}: the U-Net's added embedding takes {unet_cfg.added_cond_dim} inputs, not the pooled text "
@@ -542,11 +366,11 @@ def _check_size(component: str, config, available: int, source: str) -> None:
 
 def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -> Components:
     """An original-layout (CompVis / webui) single file: family and configs inferred from keys and shapes.
-    ``overrides`` ({"unet": {...}, "scheduler": {...}, ...}) sets what weights cannot reveal (see layouts)."""
+    ``overrides`` ({"unet": {...}, "scheduler": {...}, ...}) sets what weights cannot reveal (see infer_config)."""
     weights = WeightFile([path])
     shapes = weights.shapes()
     try:
-        configs = layouts.infer_configs(shapes, global_step=_global_step(weights), overrides=overrides)
+        configs = infer_config.infer_configs(shapes, global_step=_global_step(weights), overrides=overrides)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     family = configs["family"]
@@ -555,8 +379,8 @@ def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -
              for part in (*texts, "unet", "vae", "scheduler", "pipeline")}
     fix = "if the weights cannot tell it, pass the right value in overrides"
     check_bounds("pipeline", configs.get("pipeline", {}), names["pipeline"], fix)
-    options = configs.get("pipeline", {})
-    unet_cfg, vae_cfg, te_cfgs = _network_configs(configs["unet"], configs["vae"], texts, options, where=path,
+    xl_options = configs.get("pipeline", {})
+    unet_cfg, vae_cfg, te_cfgs = _network_configs(configs["unet"], configs["vae"], texts, xl_options, where=path,
                                                   names=names, fix=fix)
     scheduler_config = check_scheduler_config(configs["scheduler"], names["scheduler"], fix)
     cfgs = {"unet": unet_cfg, "vae": vae_cfg, **te_cfgs}
@@ -582,7 +406,7 @@ def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -
         tokenizer=Tokenizer.clip(pad_token=configs["pad_token"]) if "text_encoder" in nets else None,
         text_encoder_2=nets.get("text_encoder_2"),
         tokenizer_2=Tokenizer.clip(pad_token=configs["pad_token_2"]) if "text_encoder_2" in nets else None,
-        options=options,
+        xl_options=xl_options,
     )
 
 

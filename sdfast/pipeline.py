@@ -1,33 +1,25 @@
-"""Prompt to pixels: ``load`` a checkpoint, then ``Pipeline.generate``. The only place the stages meet."""
+"""Prompt to pixels: ``Pipeline.generate`` (``sdfast.load`` makes the pipeline). The only place the stages meet."""
 
 from __future__ import annotations
 
 import copy
+import re
 import threading
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from . import backends
-from .checkpoint import CheckpointError, load_diffusers, load_single_file
+from .lora import LoRAs
 from .models import image_side
 from .request import ModelFacts, Request, RequestError, texts
-from .sampler import Conditioning, denoise, latent_preview, to_pil
+from .sampler import Conditioning, LatentRGB, denoise, to_pil
 from .schedulers import make_scheduler
 from .timing import Recorder, Timings
 from .tokenizer import Tokenizer
-
-# The small model trained on synthetic shapes that ships inside sdfast (sdfast/shapes/train.py): what load() and
-# the CLI use when no model is named.
-DEFAULT_MODEL = Path(__file__).parent / "data" / "default_model"
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class GenerationResult:
@@ -49,15 +41,31 @@ class Pipeline:
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
-    # SDXL: the OpenCLIP bigG encoder (projected pooled output) and its tokenizer, and diffusers' pipeline options
+    # SDXL: the OpenCLIP bigG encoder (projected pooled output) and its tokenizer, and diffusers' SDXL pipeline options
     # force_zeros_for_empty_prompt / requires_aesthetics_score. The refiner has only these (tokenizer and
     # text_encoder None).
     text_encoder_2: nn.Module | None = None
     tokenizer_2: Tokenizer | None = None
-    options: dict = field(default_factory=dict)
+    xl_options: dict = field(default_factory=dict)
+    # the words the model was trained on, when its folder says (vocabulary.json: the shipped default model's):
+    # prompts with others get a warning rather than a silently unrelated picture
+    vocabulary: frozenset[str] | None = None
     # one call at a time (run()), and the VAE's twins in other dtypes (_vae()): per pipeline, never copied over
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     _twins: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _loras: LoRAs | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def latent_rgb(self) -> LatentRGB | None:
+        """The cheap preview's latent-to-RGB map of this model's VAE (SD 1.x / 2.x, SDXL), or None: previews decode."""
+        return LatentRGB.for_vae(self.vae.config)
+
+    @property
+    def loras(self) -> LoRAs:
+        """The LoRAs loaded into this pipeline (``pipe.loras.load(path, scale)``, ``set_scale``, ``unload``)."""
+        if self._loras is None:
+            self._loras = LoRAs(self, self._lock)
+        return self._loras
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,7 +90,8 @@ class Pipeline:
         deeper = 1 if self.is_xl else 0  # SDXL reads one layer before the end: its clip_skip 1 is that layer
         layers = min(enc.config.num_layers for enc in (self.text_encoder, self.text_encoder_2) if enc is not None)
         return ModelFacts(self.vae_scale_factor, self.default_size, self.unet.config.in_channels, layers - deeper,
-                          self.is_xl, self.options.get("requires_aesthetics_score", False))
+                          self.is_xl, self.xl_options.get("requires_aesthetics_score", False),
+                          self.latent_rgb is not None)
 
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  **fields) -> GenerationResult:
@@ -93,10 +102,11 @@ class Pipeline:
         ``batch_size`` images per prompt; ``clip_skip`` 1 = last CLIP layer, 2 = penultimate (the webui's slider);
         ``latents`` (B, 4, H/8, W/8) user-given unit-variance initial noise; ``image`` + ``strength`` is img2img
         (VAE-encode, noise to the strength's timestep, denoise the remaining steps); ``long_prompts``;
-        ``preview_every`` N > 0 adds previews every N steps, a linear latent-to-RGB map or, with
-        ``preview_decode="vae"``, a full VAE decode; ``callback(step, timestep, latents)`` runs after every step,
+        ``preview_every`` N > 0 adds previews every N steps: ``preview_decode`` "linear" (a latent-to-RGB map,
+        SD 1.x / 2.x and SDXL VAEs), "vae" (a full decode) or "auto" (linear where there is a map); ``callback(step, timestep, latents)`` runs after every step,
         returning False stops the loop early; ``prompt_embeds`` replaces ``prompt`` (pass None) and
-        ``negative_prompt``: embeddings made by ``encode_prompt`` with the same ``guidance_scale``; ``limits``
+        ``negative_prompt``: embeddings made by ``encode_prompt`` with the same ``guidance_scale``; ``loras``
+        ``{name: scale}`` of loaded LoRAs for this call (default: ``pipe.loras`` at their scales); ``limits``
         (``sdfast.request.Limits``: pixels, images per call, steps) raises the bounds.
         The same seed gives the same images on the same device and backend (noise is drawn on the CPU).
 
@@ -120,7 +130,9 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(r.seed)
         recorder = Recorder(self.device)
         previews: list[tuple[int, list[Image.Image]]] = []
+        self._check_vocabulary(r)
         with self._lock, recorder.span("total"):
+            self._use_loras(r)
             with recorder.span("text_encoder"):
                 cond = self.conditioning(r)
             sched = make_scheduler(r.scheduler, self.scheduler_config)
@@ -128,9 +140,11 @@ class Pipeline:
             x = self._initial_latents(r, sched, start, len(cond.context) // (2 if r.guided else 1), generator,
                                       recorder)
 
+            linear = self.latent_rgb if r.preview_decode != "vae" else None
+
             def preview(step: int, x0: torch.Tensor) -> None:
-                previews.append((step, to_pil(self._decode(x0.to(self.dtype))[0]) if r.preview_decode == "vae"
-                                 else latent_preview(x0, (r.width, r.height))))
+                previews.append((step, linear(x0, (r.width, r.height)) if linear is not None
+                                 else to_pil(self._decode(x0.to(self.dtype))[0])))
 
             x = denoise(self.unet, sched, x, cond, guidance_scale=r.guidance_scale, start=start, end=end,
                         generator=generator, recorder=recorder, callback=r.callback, preview=preview,
@@ -148,6 +162,7 @@ class Pipeline:
                                      "load the model with dtype=torch.float32 instead of showing a black image")
         timings = Timings.from_spans(recorder.resolve(), self.device)
         timings.vae_dtype, timings.vae_fallback = str(vae_dtype).removeprefix("torch."), fallback
+        timings.steps = r.steps
         return GenerationResult(to_pil(decoded), x, timings, r.seed, previews)
 
     def conditioning(self, r: Request) -> Conditioning:
@@ -165,6 +180,24 @@ class Pipeline:
         return Conditioning(context, added)
 
     # -- the stages --
+
+    def _check_vocabulary(self, r: Request) -> None:
+        if self.vocabulary is None or r.prompts is None:
+            return
+        unknown = sorted({w for p in r.prompts for w in re.findall(r"[a-z]+", p.lower())} - self.vocabulary)
+        if unknown:
+            warnings.warn(OutsideVocabulary(unknown, self.vocabulary), stacklevel=3)
+
+    def _use_loras(self, r: Request) -> None:
+        """Merge the request's LoRAs (or the loaded ones at their default scales) into the weights."""
+        if r.loras is None and self._loras is None:
+            return
+        wanted = self.loras.scales if r.loras is None else r.loras
+        unknown = [name for name in wanted if name not in self.loras]
+        if unknown:
+            raise RequestError("loras", unknown[0], f"no such LoRA is loaded (loaded: "
+                               f"{', '.join(map(repr, self.loras.scales)) or 'none'}): load it first")
+        self.loras.apply(wanted)
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
@@ -199,7 +232,7 @@ class Pipeline:
                                "model's own layer)")
         guide = guidance_scale > 1.0
         # diffusers' SDXL: no negative prompt + force_zeros_for_empty_prompt = zero negative embeddings
-        zeros = guide and negative_prompt is None and self.options.get("force_zeros_for_empty_prompt", False)
+        zeros = guide and negative_prompt is None and self.xl_options.get("force_zeros_for_empty_prompt", False)
         encoded = prompts if zeros or not guide else negatives + prompts
         states = []
         for tokenizer, encoder in towers:
@@ -267,7 +300,7 @@ class Pipeline:
         negative_crops = tuple(m.negative_crops_coords_top_left or (0, 0))
         negative_original = tuple(m.negative_original_size or original)
         negative_target = tuple(m.negative_target_size or target)
-        if self.options.get("requires_aesthetics_score", False):
+        if self.xl_options.get("requires_aesthetics_score", False):
             ids = original + crops + (m.aesthetic_score,)
             negative_ids = negative_original + negative_crops + (m.negative_aesthetic_score,)
         else:
@@ -300,9 +333,7 @@ class Pipeline:
     def _vae_dtype(self) -> torch.dtype:
         """fp32 for SDXL's VAE (config ``force_upcast``) in an fp16 pipeline: it overflows in fp16; else the
         pipeline's dtype (bf16 has fp32's range)."""
-        if self.is_xl and self.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            return torch.float32
-        return self.dtype
+        return self.vae.config.compute_dtype(self.dtype, self.is_xl)
 
     def _vae(self, dtype: torch.dtype) -> tuple:
         """The VAE in ``dtype`` and the dtype it runs in: the pipeline's own, or an fp32 twin kept beside it and
@@ -330,70 +361,14 @@ class Pipeline:
         return embeds.to(self.device, self.dtype)
 
 
-def load(path=None, device="cpu", dtype=None, *, overrides: dict | None = None, backend: str = "torch",
-         **backend_options) -> Pipeline:
-    """Load a Stable Diffusion 1.x / 2.x / XL checkpoint: a diffusers folder, or an original-layout single file
-    (``.safetensors``; ``.ckpt`` only through ``weights_only=True``). Weights land directly in ``dtype`` on
-    ``device``. Raises ``CheckpointError`` naming the problem for anything that cannot load. ``path`` None loads
-    the small shapes model that ships with sdfast (``DEFAULT_MODEL``), offline.
+class OutsideVocabulary(UserWarning):
+    """A prompt with words the model never saw in training (known only for models whose folder lists them)."""
 
-    ``overrides`` (single files only) sets config fields the weights cannot reveal, in diffusers' config names,
-    e.g. ``{"scheduler": {"prediction_type": "epsilon"}, "unet": {"upcast_attention": True}}`` for an SD 2.x
-    file that the defaults (v-prediction at 768 px for 2.x) do not describe.
-
-    ``backend`` "onnxruntime" or "tensorrt" runs exported graphs instead of the torch modules (``sdfast.backends``;
-    ``backend_options`` go there). ``path`` may then also be a folder written by ``sdfast export``, which loads
-    with no torch weights and in the dtype it was exported in; a checkpoint is exported on the fly, once.
-    ``backend`` "triton" (sdfast's Triton kernels, CUDA graphs) or "compile" (``torch.compile``) converts the torch
-    modules on ``device``. ``dtype`` None means fp32 for a checkpoint, fp16 for triton / compile on a GPU."""
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
-    device = _device(device)
-    path = Path(path).expanduser() if path is not None else DEFAULT_MODEL
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: pass a diffusers folder or a .safetensors / .ckpt file")
-    chosen = backends.get(backend)
-    if (path / "manifest.json").is_file():  # a folder written by `sdfast export`: graphs, no torch weights
-        if chosen.IN_PLACE:
-            raise ValueError(f"{path} is an ONNX export (no torch weights): load it with backend='onnxruntime' or "
-                             f"'tensorrt', or load the original checkpoint for the {backend} backend")
-        return Pipeline(**chosen.from_folder(path, device, dtype, **backend_options))
-    dtype = dtype or chosen.default_dtype(device)
-    build_on = device if chosen.IN_PLACE else torch.device("cpu")  # export backends export from a CPU copy
-    if path.is_dir():
-        if overrides:
-            raise ValueError("overrides apply to single files; a diffusers folder's config.json files say it all")
-        if not (path / "model_index.json").is_file():
-            raise CheckpointError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder "
-                                  "(pass the folder that holds model_index.json, unet/, vae/, text_encoder/)")
-        parts = load_diffusers(path, build_on, dtype)
-    else:
-        parts = load_single_file(path, build_on, dtype, overrides)
-    pipe = Pipeline(parts.tokenizer, parts.text_encoder, parts.unet, parts.vae, parts.scheduler_config,
-                    build_on, dtype, parts.text_encoder_2, parts.tokenizer_2, parts.options)
-    return chosen.prepare(pipe, device, **backend_options)
-
-
-def _device(device) -> torch.device:
-    """``device`` as a torch.device that exists here, or a ValueError saying what is available."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:N'") from e
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if not count:
-            raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU (torch "
-                             f"{torch.__version__}): use device='cpu'")
-        if (device.index or 0) >= count:
-            raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} CUDA GPU(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
-    return device
+    def __init__(self, words: list[str], vocabulary: frozenset[str]):
+        self.words = words
+        shown = ", ".join(map(repr, words[:5])) + (f" and {len(words) - 5} more" if len(words) > 5 else "")
+        super().__init__(f"{shown}: not among the words this model was trained on, so expect a picture unrelated "
+                         f"to them; it knows: {', '.join(sorted(vocabulary))}")
 
 
 def _image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -3,9 +3,10 @@
 ``Request.check(**fields)`` applies the rules that need no model (types, ranges, limits, reading the input image),
 before anything large is allocated or loaded; ``request.fit(model)`` applies the ones that do (the default size,
 multiples of the VAE's factor, the CLIP layer range, SDXL-only inputs) and returns the request the pipeline runs.
-The Python API (``Pipeline.generate``) and the CLI go through these two calls, and so do ``sdfast serve``'s replicas
-after the server has checked its JSON against its own limits; a mistake is a ``RequestError`` (a ``ValueError``)
-that names the field, the value and the fix, which the CLI words with its flag names (``worded``).
+The Python API (``Pipeline.generate``), the CLI and ``sdfast serve`` go through these two calls (the server with its
+own limits as ``Limits``, before it dispatches to a replica); a mistake is a ``RequestError`` (a ``ValueError``)
+that names the field, the value and the fix, which the CLI words with its flag names and the server with its JSON
+field names (``worded``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from .schedulers import SCHEDULERS
 # the same picture) and whose manual_seed wraps a negative seed onto a positive one: so a seed is 0 .. 2**32 - 1,
 # where every seed paints a picture of its own.
 MAX_SEED = 2**32 - 1
+# Far past any useful scale (7.5 is usual, 20 already burns the image): a typo such as 75000 would overflow fp16.
+MAX_GUIDANCE = 1000.0
+MAX_LORA_SCALE = 10.0  # beyond this a LoRA's update swamps the weights: overflow in fp16, noise in any dtype
 
 
 class RequestError(ValueError):
@@ -36,10 +40,11 @@ class RequestError(ValueError):
         self.field, self.value, self.rule = field, value, rule
         super().__init__(f"{field}={_show(value)}: {rule}")
 
-    def worded(self, names: dict[str, str]) -> str:
-        """The message with the field as a caller names it, e.g. ``--steps 0: need an integer >= 1``."""
+    def worded(self, names: dict[str, str], joiner: str = " ") -> str:
+        """The message with the field as a caller names it: the CLI's ``--steps 0: need an integer >= 1``, a JSON
+        body's ``n=0: need an integer >= 1`` (``joiner="="``); a field ``names`` leaves out keeps ``field=``."""
         name = names.get(self.field, self.field)
-        return f"{name}{'=' if name == self.field else ' '}{_show(self.value)}: {self.rule}"
+        return f"{name}{'=' if name == self.field else joiner}{_show(self.value)}: {self.rule}"
 
 
 def _show(value) -> str:
@@ -51,6 +56,9 @@ def _show(value) -> str:
         return text if len(text) <= 120 else text[:80] + f"...({len(text)} characters)"
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)}"
+    if isinstance(value, dict):
+        items = [f"{_show(k)}: {_show(v)}" for k, v in list(value.items())[:4]]
+        return "{" + ", ".join(items) + (", ..." if len(value) > 4 else "") + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value[:4]) + (", ..." if len(value) > 4 else "") + "]"
     return f"<{type(value).__name__}>"
@@ -77,6 +85,7 @@ class ModelFacts:
     clip_layers: int  # clip_skip runs 1..clip_layers
     is_xl: bool  # SDXL's micro-conditioning applies
     aesthetic: bool  # the SDXL refiner: aesthetic scores instead of target sizes
+    linear_preview: bool = True  # its VAE has a linear latent-to-RGB map (SD 1.x / 2.x, SDXL): cheap previews
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ class Request:
     micro: Micro
     denoising_start: float | None
     denoising_end: float | None
+    loras: dict[str, float] | None  # this call's LoRAs by name with their scales; None: the pipeline's defaults
     limits: Limits = dataclasses.field(default=Limits(), compare=False)  # what fit() holds the final size to
 
     @property
@@ -135,9 +145,9 @@ class Request:
     @classmethod
     def check(cls, prompt=None, negative_prompt=None, *, width=None, height=None, steps=30, guidance_scale=7.5,
               scheduler="euler", seed=None, batch_size=1, clip_skip=1, long_prompts=False, image=None,
-              strength=0.8, latents=None, preview_every=0, preview_decode="linear", callback=None,
+              strength=0.8, latents=None, preview_every=0, preview_decode="auto", callback=None,
               prompt_embeds=None, pooled_prompt_embeds=None, denoising_start=None, denoising_end=None,
-              limits: Limits = Limits(), **micro) -> "Request":
+              loras=None, limits: Limits = Limits(), **micro) -> "Request":
         """Every rule that needs no model, in the order a reader would check them. ``micro``: SDXL's
         ``original_size``, ``crops_coords_top_left``, ``target_size``, their ``negative_*`` and the aesthetic
         scores."""
@@ -162,19 +172,22 @@ class Request:
                                    f"{len(prompts)} prompts: give one, or one per prompt")
         for name, value in (("width", width), ("height", height)):
             if value is not None:
-                _integer(name, value, 1, limits.max_pixels)
-        steps = _integer("steps", steps, 1, limits.max_steps)
-        batch_size = _integer("batch_size", batch_size, 1, limits.max_images)
+                _integer(name, value, 1, limits.max_pixels, "max_pixels")  # a side over it cannot fit
+        steps = _integer("steps", steps, 1, limits.max_steps, "max_steps")
+        batch_size = _integer("batch_size", batch_size, 1, limits.max_images, "max_images")
         clip_skip = _integer("clip_skip", clip_skip, 1, 64)
         preview_every = _integer("preview_every", preview_every, 0, 1_000_000)
-        guidance_scale = _number("guidance_scale", guidance_scale)
+        if abs(_number("guidance_scale", guidance_scale)) > MAX_GUIDANCE:
+            raise RequestError("guidance_scale", guidance_scale, f"outside [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}]: "
+                               "use e.g. 7.5 (<= 1 turns guidance off)")
         strength = _number("strength", strength)
         if not 0.0 <= strength <= 1.0:
             raise RequestError("strength", strength, "outside [0, 1] (0 keeps the image, 1 ignores it)")
         if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
             raise RequestError("scheduler", scheduler, f"unknown; choose one of {', '.join(sorted(SCHEDULERS))}")
-        if not isinstance(preview_decode, str) or preview_decode not in ("linear", "vae"):
-            raise RequestError("preview_decode", preview_decode, "choose 'linear' (cheap) or 'vae' (full decode)")
+        if not isinstance(preview_decode, str) or preview_decode not in ("auto", "linear", "vae"):
+            raise RequestError("preview_decode", preview_decode, "choose 'linear' (cheap), 'vae' (full decode) or "
+                               "'auto' (linear where the model's VAE has a linear map, else vae)")
         if not isinstance(long_prompts, bool):
             raise RequestError("long_prompts", long_prompts, "need True or False")
         if callback is not None and not callable(callback):
@@ -197,12 +210,12 @@ class Request:
         request = cls(prompts, negatives, width, height, steps, float(guidance_scale), scheduler, seed, batch_size,
                       clip_skip, long_prompts, None if image is None else read_image(image, limits), float(strength),
                       latents, preview_every, preview_decode, callback, prompt_embeds, pooled_prompt_embeds,
-                      _micro(micro), denoising_start, denoising_end, limits)
+                      _micro(micro), denoising_start, denoising_end, _loras(loras), limits)
         if request.images > limits.max_images:
             rows = request.images // batch_size
             raise RequestError("batch_size", batch_size, f"{rows} prompt(s) x {batch_size} is {request.images} "
-                               f"images, over the limit of {limits.max_images} per call: make fewer, or raise it "
-                               "(limits=Limits(max_images=...))")
+                               f"images, over the limit of {limits.max_images} per call (limits.max_images): make "
+                               "fewer")
         if width is not None and height is not None:
             _pixels(width, height, limits)
         return request
@@ -217,11 +230,16 @@ class Request:
             width, height = width or self.image.width // f * f, height or self.image.height // f * f
         elif self.latents is not None:  # given latents (e.g. a base model's hand-off) set the size
             width, height = width or self.latents.shape[-1] * f, height or self.latents.shape[-2] * f
-        width, height = width or model.default_size, height or model.default_size
+        # None, not 0: a picture under one latent cell a side keeps its 0 and is refused below
+        width = model.default_size if width is None else width
+        height = model.default_size if height is None else height
         if width % f or height % f or width <= 0 or height <= 0:
             raise RequestError("size", f"{width}x{height}", f"not a positive multiple of {f}: use e.g. "
                                f"{max(f, width // f * f)}x{max(f, height // f * f)}")
         _pixels(width, height, self.limits)
+        if self.preview_decode == "linear" and self.preview_every and not model.linear_preview:
+            raise RequestError("preview_decode", "linear", "this model's VAE has no linear latent-to-RGB map (SD "
+                               "1.x / 2.x's and SDXL's have): use 'vae' or 'auto'")
         if self.clip_skip > model.clip_layers:
             raise RequestError("clip_skip", self.clip_skip, f"out of range: use 1..{model.clip_layers} (1 = the "
                                "model's own layer)")
@@ -238,21 +256,43 @@ class Request:
 # -- the rules --
 
 
-def _integer(name: str, value, low: int, high: int) -> int:
+def _integer(name: str, value, low: int, high: float, limit: str | None = None) -> int:
+    """An integer in low..high; ``limit``: the ``Limits`` field that sets ``high``, named in the message (the
+    Python API raises it with ``limits=Limits(...)``, a server's clients read it from the server)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise RequestError(name, value, "need an integer")
     if not low <= value <= high:
         raise RequestError(name, value, f"need an integer >= {low}" if value < low else
-                           f"over the limit of {high}" + (": raise it with limits=Limits(...)" if name in
-                                                         ("steps", "batch_size") else ""))
+                           f"over the limit of {high}" + (f" (limits.{limit})" if limit else ""))
     return int(value)
 
 
+def _loras(value) -> dict[str, float] | None:
+    """None (the pipeline's loaded LoRAs at their scales) or {name: scale}; whether each is loaded is the
+    pipeline's to say."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(name, str) and name for name in value):
+        raise RequestError("loras", value, "need a mapping of loaded LoRA names to scales, e.g. {'style': 0.8} "
+                           "({} for none)")
+    return {name: lora_scale("loras", name, scale) for name, scale in value.items()}
+
+
+def lora_scale(field: str, name: str, scale) -> float:
+    """A LoRA's scale: a finite number within +-MAX_LORA_SCALE."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not math.isfinite(scale) \
+            or abs(scale) > MAX_LORA_SCALE:
+        raise RequestError(field, {name: scale}, f"a LoRA's scale must be a number in [-{MAX_LORA_SCALE:g}, "
+                           f"{MAX_LORA_SCALE:g}] (1: as trained, 0: off)")
+    return float(scale)
+
+
 def _seed(value) -> int:
-    seed = _integer("seed", value, 0, 2**64 - 1)
-    if seed > MAX_SEED:  # what the generator would make of it: say so rather than alias it silently
-        raise RequestError("seed", value, f"over {MAX_SEED}: torch's CPU generator keeps a seed's low 32 bits, so "
-                           f"this seed paints the picture of seed {seed % 2**32}: pass that")
+    seed = _integer("seed", value, 0, math.inf)
+    if seed > MAX_SEED:  # what the generator would make of it (it refuses 2**64 and over): say so, never alias
+        raise RequestError("seed", value, f"over {MAX_SEED}: " + (
+            f"torch's CPU generator keeps a seed's low 32 bits, so this seed paints the picture of seed "
+            f"{seed % 2**32}: pass that" if seed < 2**64 else "seeds run 0 .. 2**32 - 1"))
     return seed
 
 
@@ -281,8 +321,7 @@ def texts(name: str, value) -> tuple[str, ...]:
 def _pixels(width: int, height: int, limits: Limits) -> None:
     if width * height > limits.max_pixels:
         raise RequestError("size", f"{width}x{height}", f"{width * height / 2**20:.1f} Mpx is over the limit of "
-                           f"{limits.max_pixels / 2**20:.1f} Mpx per image: use a smaller size, or raise it "
-                           "(limits=Limits(max_pixels=...))")
+                           f"{limits.max_pixels / 2**20:.1f} Mpx per image (limits.max_pixels): use a smaller size")
 
 
 def _micro(fields: dict) -> Micro:
@@ -300,24 +339,26 @@ def _micro(fields: dict) -> Micro:
     return Micro(**checked)
 
 
-def read_image(image, limits: Limits = Limits()) -> Image.Image:
+def read_image(image, limits: Limits = Limits(), formats: tuple[str, ...] | None = None) -> Image.Image:
     """An input picture as RGB: a PIL image, or a path / file object read with its size checked from the header
-    before anything is decoded (a small file can declare a huge picture). 16-bit and 32-bit grey pictures are
-    scaled to 8 bits rather than clipped; transparency is dropped onto white."""
+    before anything is decoded (a small file can declare a huge picture); ``formats``: the only decoders a file
+    may reach (a server's uploads). 16-bit and 32-bit grey pictures are scaled to 8 bits rather than clipped;
+    transparency is dropped onto white."""
     if not isinstance(image, (Image.Image, str, Path)) and not hasattr(image, "read"):
         raise RequestError("image", image, "need a PIL image, a path or an open binary file")
     if not isinstance(image, Image.Image):
         source = str(image) if isinstance(image, (str, Path)) else "the image"
         try:
-            with Image.open(image) as opened:
+            with Image.open(image, formats=formats) as opened:
                 _check_size(opened, limits, source)
                 opened.load()
                 image = opened.copy()
         except RequestError:
             raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            reason = "not a picture PIL can read" if isinstance(e, Image.UnidentifiedImageError) else \
-                str(e).splitlines()[0][:120]
+        except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many kinds of error on hostile bytes
+            unknown = f"not a {'/'.join(formats)} picture" if formats else "not a picture PIL can read"
+            reason = unknown if isinstance(e, Image.UnidentifiedImageError) else \
+                (str(e).splitlines() or [type(e).__name__])[0][:120]
             raise RequestError("image", source, f"cannot read it: {reason}") from None
     _check_size(image, limits, "the image")
     return to_rgb(image)
@@ -326,7 +367,8 @@ def read_image(image, limits: Limits = Limits()) -> Image.Image:
 def _check_size(image: Image.Image, limits: Limits, source: str) -> None:
     if image.width * image.height > limits.max_image_pixels:
         raise RequestError("image", source, f"{image.width}x{image.height} pixels is over the limit of "
-                           f"{limits.max_image_pixels / 2**20:.0f} Mpx for an input picture: resize it first")
+                           f"{limits.max_image_pixels / 2**20:.0f} Mpx for an input picture "
+                           "(limits.max_image_pixels): resize it first")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

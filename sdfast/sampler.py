@@ -17,14 +17,38 @@ from .schedulers import Scheduler
 from .schedulers.parameterisation import x0_at_alpha
 from .timing import Recorder
 
-# Least-squares map from SD 1.x / 2.x latent channels to RGB in [-1, 1] (rows: latent channels; the factors the
-# webui and ComfyUI use for their cheap previews). A preview, not a decode: colours and layout, no fine detail.
-LATENT_RGB = torch.tensor([
-    [0.3512, 0.2297, 0.3227],
-    [0.3250, 0.4974, 0.2350],
-    [-0.2829, 0.1762, 0.2721],
-    [-0.2120, -0.2616, -0.7177],
-])
+@dataclass(frozen=True)
+class LatentRGB:
+    """An affine map from latent channels to RGB in [-1, 1], ``rgb = latent @ matrix + bias``: the cheap preview.
+    Colours and layout, no fine detail. Only a VAE whose latents are close to linear in colour has one: SD 1.x /
+    2.x's and SDXL's (the least-squares factors the webui and ComfyUI use); ``for_vae`` says None for any other
+    (the shipped default model's small VAE mixes colour non-linearly: its best linear map draws its green star
+    black on white), whose previews are decoded instead."""
+
+    matrix: torch.Tensor  # (C, 3)
+    bias: torch.Tensor  # (3,)
+
+    @classmethod
+    def for_vae(cls, config) -> "LatentRGB | None":
+        """The map of SD 1.x / 2.x's VAE or of SDXL's, told apart by their architecture and scaling factor."""
+        if config.latent_channels != 4 or tuple(config.block_channels) != (128, 256, 512, 512):
+            return None
+        factors = _LATENT_RGB.get(round(config.scaling_factor, 5))
+        return None if factors is None else cls(torch.tensor(factors), torch.zeros(3))
+
+    def __call__(self, latents: torch.Tensor, size: tuple[int, int]) -> list[Image.Image]:
+        """(B, C, h, w) latents, scaled as the U-Net sees them -> RGB previews resized to ``size`` (W, H)."""
+        rgb = torch.einsum("bchw,cr->brhw", latents.float(), self.matrix.to(latents.device))
+        return to_pil(rgb + self.bias.to(latents.device).view(1, 3, 1, 1), size)
+
+
+# Rows: latent channels; columns: R, G, B. By the VAE's scaling factor: SD 1.x / 2.x (0.18215), SDXL (0.13025).
+_LATENT_RGB = {
+    0.18215: [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+              [-0.2120, -0.2616, -0.7177]],
+    0.13025: [[0.3920, 0.4054, 0.4549], [-0.2634, -0.0196, 0.0653], [0.0568, 0.1687, -0.0755],
+              [-0.3112, -0.2359, -0.2076]],
+}
 
 
 @dataclass
@@ -55,12 +79,6 @@ def predicted_x0(scheduler: Scheduler, x_in: torch.Tensor, t: torch.Tensor, out:
     index = int(t.float().round().clamp(0, len(scheduler.alphas_cumprod) - 1))
     abar = scheduler.alphas_cumprod[index].to(x_in.device, torch.float32)
     return x0_at_alpha(scheduler.config.prediction_type, out.float(), x_in.float(), abar)
-
-
-def latent_preview(latents: torch.Tensor, size: tuple[int, int]) -> list[Image.Image]:
-    """Cheap RGB preview of (B, 4, h, w) latents (scaled as the U-Net sees them), resized to ``size`` (W, H)."""
-    rgb = torch.einsum("bchw,cr->brhw", latents.float(), LATENT_RGB.to(latents.device))
-    return to_pil(rgb, size)
 
 
 def to_pil(images: torch.Tensor, size: tuple[int, int] | None = None) -> list[Image.Image]:

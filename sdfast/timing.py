@@ -63,6 +63,7 @@ class Timings:
     stats: dict = field(default_factory=dict)
     vae_dtype: str = ""  # the precision the VAE decoded in (SDXL's VAE: float32 in an fp16 pipeline)
     vae_fallback: bool = False  # the decode overflowed (NaN / Inf) in the model's dtype and ran again in float32
+    steps: int = 0  # the steps asked for; a scheduler may make more U-Net calls (heun: 2n - 1) or fewer (img2img)
 
     @classmethod
     def from_spans(cls, spans: dict[str, list[float]], device: torch.device) -> "Timings":
@@ -81,10 +82,13 @@ class Timings:
         return t
 
     def summary(self) -> str:
-        """One line for a terminal: median step and U-Net latency, then the stages and the total."""
-        steps = len(self.step_ms)
+        """One line for a terminal: the steps asked for and the U-Net calls they took, median call and U-Net
+        latency, then the stages and the total."""
+        calls = len(self.step_ms)
+        asked = f"{self.steps} steps" if self.steps else ""
+        head = (f"{asked} ({calls} U-Net calls)" if asked and calls != self.steps else asked or f"{calls} U-Net calls")
         step = self.stats.get("step_ms", {})
-        return (f"{steps} steps: {step.get('p50', 0):.1f} ms/step (p90 {step.get('p90', 0):.1f}), "
+        return (f"{head}: {step.get('p50', 0):.1f} ms/call (p90 {step.get('p90', 0):.1f}), "
                 f"unet {self.stats.get('unet_ms', {}).get('p50', 0):.1f} ms, "
                 f"text {self.text_encoder_ms:.1f} ms, vae {self.vae_decode_ms:.1f} ms, "
                 f"total {self.total_ms:.0f} ms on {self.device}")

@@ -122,6 +122,18 @@ def _read_json(path: pathlib.Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+class PromptTruncated(UserWarning):
+    """A prompt longer than the token window lost its end (``long_prompts=True`` keeps it in chunks)."""
+
+    def __init__(self, prompt: str, tokens: int, window: int):
+        self.prompt, self.tokens, self.window = prompt, tokens, window
+        super().__init__(self.worded("pass long_prompts=True"))
+
+    def worded(self, fix: str) -> str:
+        return (f"prompt truncated: {self.tokens - self.window} of its {self.tokens} tokens are past the "
+                f"{self.window}-token limit and were dropped ({fix} to keep them): {self.prompt[:60]!r}...")
+
+
 class Tokenizer:
     """Prompt text -> CLIP token ids, padded to `max_length` (77) per chunk."""
 
@@ -227,11 +239,7 @@ class Tokenizer:
                 batch.append([self._chunk(ids[i : i + window]) for i in range(0, len(ids), window)])
                 continue
             if len(ids) > window:
-                warnings.warn(
-                    f"prompt truncated: {len(ids) - window} of its {len(ids)} tokens are past the {window}-token "
-                    f"limit and were dropped (pass long_prompts=True to keep them): {prompt[:60]!r}...",
-                    stacklevel=2,
-                )
+                warnings.warn(PromptTruncated(prompt, len(ids), window), stacklevel=2)
             batch.append([self._chunk(ids[:window])])
         chunks = max((len(c) for c in batch), default=1) or 1
         empty = self._chunk([])

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdfast
-from sdfast import layouts
+from original_layout import to_original
 from sdfast.checkpoint import CheckpointError
 
 # What the tiny fixtures' weights cannot tell (real SD files follow the family defaults)
@@ -29,7 +29,7 @@ def original_state(ref) -> dict[str, torch.Tensor]:
     for name, net in nets.items():
         config = net.config.to_dict() if name == "text_encoder" else dict(net.config)
         weights = {k.removeprefix("text_model."): v for k, v in net.state_dict().items()}
-        state |= layouts.to_original(name, config, weights)
+        state |= to_original(name, config, weights)
     return state
 
 

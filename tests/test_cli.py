@@ -22,7 +22,7 @@ def test_generate_writes_images_previews_and_timings(sd1, tmp_path, capsys):
     timings = json.loads((tmp_path / "t.json").read_text())
     assert timings["seed"] == 3 and len(timings["unet_ms"]) == 4
     line = capsys.readouterr().out.strip()
-    assert "(seed 3): 4 steps:" in line and "ms/step" in line
+    assert "(seed 3): 4 steps:" in line and "ms/call" in line
 
 
 def test_img2img(sd1, tmp_path):
@@ -43,6 +43,11 @@ def test_img2img(sd1, tmp_path):
     (["generate", "x", "--model", "/no/such/model"], "model /no/such/model does not exist"),
     (["generate", "x", "--model", "NOTSD"], "not a diffusers pipeline folder"),
     (["generate", "x", "--previews", "prev", "--preview-every", "0"], "--preview-every 0 with --previews"),
+    (["generate", "x", "--guidance", "nan"], "--guidance nan: not a finite number"),
+    (["generate", "x", "--preview-decode", "fast"], "--preview-decode 'fast': choose 'linear'"),
+    (["generate", "x", "--previews", "p", "--preview-decode", "linear"], "--preview-decode 'linear': this model's VAE"),
+    pytest.param(["generate", "x", "--device", "cuda"], "--device 'cuda': this machine has no CUDA GPU",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU")),
 ])
 def test_bad_input_exits_2_with_one_line(sd1, tmp_path, capsys, argv, message):
     Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
@@ -68,3 +73,27 @@ def test_unknown_output_format_is_refused_before_generating(sd1, tmp_path, capsy
     assert main(["generate", "x", "--model", str(sd1.path), "-o", str(tmp_path / "o.tiff")]) == 2
     assert "must end in one of .png, .jpg, .jpeg, .webp" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_warnings_and_the_summary_speak_the_command_lines_words(sd1, tmp_path, capsys):
+    """A truncated prompt is a warning line after the progress bar, naming --long-prompts; the summary counts the
+    steps asked for and the U-Net calls heun made for them."""
+    long = " ".join(["a red circle"] * 40)
+    out = tmp_path / "o.png"
+    assert main(["generate", long, "--model", str(sd1.path), "--steps", "3", "--scheduler", "heun", "-o",
+                 str(out)]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("sdfast generate: warning: prompt truncated: ")
+    assert "(pass --long-prompts to keep them)" in warning[0] and "long_prompts=True" not in captured.err
+    assert "3 steps (5 U-Net calls): " in captured.out
+
+
+def test_words_outside_the_default_models_world_are_a_warning(tmp_path, capsys):
+    """The shipped model lists the words it was trained on (vocabulary.json): a prompt outside them still draws,
+    with one warning line naming the words, instead of a silently unrelated picture."""
+    assert main(["generate", "an astronaut riding a horse", "--steps", "2", "-o", str(tmp_path / "o.png")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and err[0].startswith("sdfast generate: warning: 'an', 'astronaut', 'horse', 'riding': not ")
+    assert main(["generate", "a red star at the top left", "--steps", "2", "-o", str(tmp_path / "p.png")]) == 0
+    assert "warning" not in capsys.readouterr().err

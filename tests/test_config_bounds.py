@@ -1,5 +1,5 @@
 """Config bounds: a config with absurd values is refused while it is read, in one line naming the file, the field, the
-value and the allowed range (``sdfast.checkpoint.BOUNDS``), before anything is built or allocated, instead of
+value and the allowed range (``sdfast.config_bounds.BOUNDS``), before anything is built or allocated, instead of
 hanging, overflowing, dividing by zero, or loading and failing inside generate."""
 
 import json
@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 import sdfast
-from sdfast import checkpoint
+from sdfast import checkpoint, config_bounds
 from sdfast.bench.arch import PRESETS
-from sdfast.checkpoint import BOUNDS, CheckpointError
+from sdfast.checkpoint import CheckpointError
+from sdfast.config_bounds import BOUNDS
 from sdfast.models import AutoencoderKL, CLIPTextModel, UNet
 from test_checkpoint import OVERRIDES, original_state
 
@@ -77,7 +78,7 @@ ABSURD = [
 @pytest.mark.parametrize("part, field, value, allowed", ABSURD, ids=[f"{p}.{f}={v!r}"[:40] for p, f, v, _ in ABSURD])
 def test_an_absurd_value_is_refused_naming_file_field_value_and_range(folder, part, field, value, allowed):
     path = edit(folder, part, **{field: value})
-    shown = checkpoint._short(value).replace("(", r"\(").replace("[", r"\[").replace(".", r"\.").replace("+", r"\+")
+    shown = config_bounds.short_repr(value).replace("(", r"\(").replace("[", r"\[").replace(".", r"\.").replace("+", r"\+")
     refused(folder, rf"^{path}: {field}={shown} .*: allowed .*{allowed}.*; correct it in that file")
 
 

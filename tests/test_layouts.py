@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdfast import layouts
+from original_layout import to_original
+from sdfast import infer_config, layouts
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -126,7 +127,7 @@ def tiny(request, tmp_path_factory) -> Tiny:
         _randomize(models["text_encoder"])
     file = {}
     for name, model in models.items():
-        file |= layouts.to_original(name, _config(model), written[name])
+        file |= to_original(name, _config(model), written[name])
     file |= _non_model_keys(family, file)
     path = tmp_path_factory.mktemp(family) / "model.safetensors"
     save_file(file, str(path))
@@ -156,11 +157,11 @@ def _assert_same(got: dict, want: dict) -> None:
 
 
 def test_detect_family(tiny):
-    assert layouts.detect_family(_shapes(tiny.path)) == tiny.family
+    assert infer_config.detect_family(_shapes(tiny.path)) == tiny.family
 
 
 def test_infer_configs_recovers_what_the_weights_reveal(tiny):
-    configs = layouts.infer_configs(_shapes(tiny.path))
+    configs = infer_config.infer_configs(_shapes(tiny.path))
     for component, fields in REVEALED.items():
         want = _config(tiny.models[component])
         for field in fields:
@@ -174,7 +175,7 @@ def test_infer_configs_recovers_what_the_weights_reveal(tiny):
 
 def test_inferred_configs_build_the_same_networks(tiny):
     """The configs are in diffusers/transformers format: the networks they build have the reference's shapes."""
-    configs = layouts.infer_configs(_shapes(tiny.path), overrides=UNREVEALED[tiny.family])
+    configs = infer_config.infer_configs(_shapes(tiny.path), overrides=UNREVEALED[tiny.family])
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = {
@@ -189,7 +190,7 @@ def test_inferred_configs_build_the_same_networks(tiny):
 
 def test_rules_reproduce_the_state_dicts(tiny):
     shapes = _shapes(tiny.path)
-    configs = layouts.infer_configs(shapes)
+    configs = infer_config.infer_configs(shapes)
     used = set()
     with safe_open(str(tiny.path), framework="pt") as f:
         for component, want in tiny.states.items():
@@ -257,15 +258,15 @@ def test_real_sizes(family):
         }
         file = {}
         for name, model in models.items():
-            file |= layouts.to_original(name, _config(model), model.state_dict())
+            file |= to_original(name, _config(model), model.state_dict())
         if family == "sd2":
             file[layouts.OPENCLIP_PREFIX + "text_projection"] = torch.empty(1024, 1024)
             assert _resblocks(file) == set(range(24))
     assert single_file_utils.infer_diffusers_model_type(file) == {"sd1": "v1", "sd2": "v2"}[family]
     shapes = {k: tuple(v.shape) for k, v in file.items()}
-    assert layouts.detect_family(shapes) == family
+    assert infer_config.detect_family(shapes) == family
     upcast = {"unet": {"upcast_attention": True}} if family == "sd2" else None
-    configs = layouts.infer_configs(shapes, overrides=upcast)
+    configs = infer_config.infer_configs(shapes, overrides=upcast)
     for component, model in models.items():
         want = _config(model)
         for field, value in configs[component].items():
@@ -279,8 +280,8 @@ def test_real_sizes(family):
 
 def test_scheduler_config_follows_family_and_global_step(tiny):
     shapes = _shapes(tiny.path)
-    default = layouts.infer_configs(shapes)
-    base = layouts.infer_configs(shapes, global_step=layouts.SD2_BASE_GLOBAL_STEP)
+    default = infer_config.infer_configs(shapes)
+    base = infer_config.infer_configs(shapes, global_step=infer_config.SD2_BASE_GLOBAL_STEP)
     if tiny.family == "sd1":
         assert default["scheduler"]["prediction_type"] == base["scheduler"]["prediction_type"] == "epsilon"
         assert default["unet"]["sample_size"] == 64 and default["vae"]["sample_size"] == 512
@@ -295,12 +296,12 @@ def test_scheduler_config_follows_family_and_global_step(tiny):
 
 def test_overrides(tiny):
     shapes = _shapes(tiny.path)
-    configs = layouts.infer_configs(shapes, overrides={"unet": {"upcast_attention": True}})
+    configs = infer_config.infer_configs(shapes, overrides={"unet": {"upcast_attention": True}})
     assert configs["unet"]["upcast_attention"] is True
     with pytest.raises(ValueError, match="upcast_atention"):
-        layouts.infer_configs(shapes, overrides={"unet": {"upcast_atention": True}})
+        infer_config.infer_configs(shapes, overrides={"unet": {"upcast_atention": True}})
     with pytest.raises(ValueError, match="unknown config 'tokenizer'"):
-        layouts.infer_configs(shapes, overrides={"tokenizer": {}})
+        infer_config.infer_configs(shapes, overrides={"tokenizer": {}})
 
 
 def test_unsupported_files(tiny):
@@ -322,7 +323,7 @@ def test_unsupported_files(tiny):
     cases["cross-attention width 32 != text encoder width 64"] = {**shapes, token: (1000, 64)}
     for message, case in cases.items():
         with pytest.raises(ValueError, match=message) as error:
-            layouts.infer_configs(case)
+            infer_config.infer_configs(case)
         assert "Supported: original-layout" in str(error.value)
 
 
@@ -330,14 +331,14 @@ def test_to_original_checks_the_state_dict(tiny):
     config, state = _config(tiny.models["unet"]), dict(tiny.states["unet"])
     state["extra.weight"] = state.pop("conv_in.weight")
     with pytest.raises(ValueError, match=r"missing=\['conv_in.weight'\] unexpected=\['extra.weight'\]"):
-        layouts.to_original("unet", config, state)
+        to_original("unet", config, state)
 
 
 def test_openclip_unused_layer_is_written_as_zeros():
     config = transformers.CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                                          num_attention_heads=2, vocab_size=10, hidden_act="gelu")
     model = _randomize(transformers.CLIPTextModel(config))
-    file = layouts.to_original("text_encoder", config.to_dict(), model.state_dict())
+    file = to_original("text_encoder", config.to_dict(), model.state_dict())
     assert _resblocks(file) == {0, 1, 2}
     extra = [k for k in file if k.startswith(layouts.OPENCLIP_PREFIX + "transformer.resblocks.2.")]
     assert len(extra) == 12 and all(not file[k].any() for k in extra)

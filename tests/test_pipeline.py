@@ -10,7 +10,7 @@ from PIL import Image
 import sdfast
 from conftest import rel_err
 from sdfast.bench.baseline import DIFFUSERS_SCHEDULERS
-from sdfast.sampler import latent_preview
+from sdfast.request import RequestError
 
 DIFFUSERS = DIFFUSERS_SCHEDULERS  # sdfast name -> (diffusers class, extra config)
 STEPS = 4
@@ -134,19 +134,21 @@ def test_callback_sees_every_step_and_can_stop(pipes):
 
 
 def test_previews_sharpen_towards_the_result(pipes):
-    """Linear previews every 2 steps show the model's clean-latent estimate; the last one is the final latent's
-    estimate, so it ends closer to the final image than the first preview is."""
+    """Previews every 2 steps show the model's clean-latent estimate, decoded ("auto": this tiny VAE has no linear
+    latent-to-RGB map); the last one is the final latent's estimate, so it ends at the final image."""
     _, pipe = pipes["sd1"]
     result = pipe.generate("a cat", steps=6, scheduler="euler", seed=0, preview_every=2)
     assert [step for step, _ in result.previews] == [2, 4, 6]
     assert all(im.size == (64, 64) for _, ims in result.previews for im in ims)
     # Euler's last step lands on its clean estimate, so the last preview is the preview of the result's latents
-    final = np.asarray(latent_preview(result.latents, (64, 64))[0], dtype=np.float64)
+    final = np.asarray(result.images[0], dtype=np.float64)
     dist = [np.abs(np.asarray(ims[0], dtype=np.float64) - final).mean() for _, ims in result.previews]
     assert dist[-1] < 1.0 and dist[0] > dist[-1]
     vae = pipe.generate("a cat", steps=2, scheduler="euler", seed=0, preview_every=1, preview_decode="vae")
     assert [step for step, _ in vae.previews] == [1, 2] and vae.previews[0][1][0].size == (64, 64)
     assert vae.timings.preview_ms > 0
+    with pytest.raises(RequestError, match="preview_decode='linear': this model's VAE has no linear"):
+        pipe.generate("a cat", steps=2, preview_every=1, preview_decode="linear")
 
 
 def test_long_prompts_are_chunked(pipes):

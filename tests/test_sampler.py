@@ -3,9 +3,11 @@ conditioning reaching every U-Net call the same way, the start / end window, the
 the clean-image estimate for both parameterisations."""
 
 import pytest
+import numpy as np
 import torch
+from PIL import Image
 
-from sdfast.sampler import Conditioning, denoise, guided, latent_preview, predicted_x0
+from sdfast.sampler import Conditioning, LatentRGB, denoise, guided, predicted_x0
 from sdfast.schedulers import make_scheduler
 from sdfast.timing import Recorder
 
@@ -76,8 +78,38 @@ def test_predicted_x0_inverts_the_forward_process(prediction):
 
 
 def test_latent_preview_is_one_picture_per_latent_at_the_size_asked():
-    pictures = latent_preview(torch.randn(3, 4, 8, 8), (64, 48))
+    pictures = LatentRGB(torch.randn(4, 3), torch.zeros(3))(torch.randn(3, 4, 8, 8), (64, 48))
     assert [p.size for p in pictures] == [(64, 48)] * 3 and {p.mode for p in pictures} == {"RGB"}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    import sdfast
+
+    return sdfast.load()  # the default model: its VAE is unlike SD's, so SD's preview factors paint wrong colours
+
+
+def test_linear_previews_exist_for_sd_and_sdxl_vaes_only(shipped):
+    from sdfast.models import VAEConfig
+
+    sd, xl = VAEConfig(scaling_factor=0.18215), VAEConfig(scaling_factor=0.13025)
+    assert LatentRGB.for_vae(sd).matrix[3].tolist() == pytest.approx([-0.2120, -0.2616, -0.7177])
+    assert LatentRGB.for_vae(xl).matrix[0].tolist() == pytest.approx([0.3920, 0.4054, 0.4549])
+    assert LatentRGB.for_vae(shipped.vae.config) is None and not shipped.facts.linear_preview
+
+
+def test_a_preview_has_the_final_images_colours(shipped):
+    """The new user's case: a green star on white, whose SD-factor previews showed a blue star on green. The last
+    preview (decoded: this VAE has no linear map) agrees in colour with the image (per 8x8 cell, mean error under
+    10% of the range); so does one five steps earlier, more loosely."""
+    result = shipped.generate("a large green star in the center on a white background", steps=20, seed=1,
+                              preview_every=5)
+    final = np.asarray(result.images[0].resize((8, 8), Image.BOX), dtype=float)
+    preview = np.asarray(result.previews[-1][1][0].resize((8, 8), Image.BOX), dtype=float)
+    assert np.abs(preview - final).mean() < 0.1 * 255
+    earlier = np.asarray(result.previews[-2][1][0].resize((8, 8), Image.BOX), dtype=float)
+    assert np.abs(earlier - final).mean() < 0.2 * 255
+    assert preview[0, 0].min() > 200 and preview[4, 4, 1] > preview[4, 4, 0] + 60  # white corner, green middle
 
 
 @pytest.mark.parametrize("window, message", [

@@ -14,7 +14,8 @@ import sdfast
 from sdfast.bench.arch import preset
 from sdfast.request import Request
 from conftest import rel_err
-from sdfast import layouts
+from original_layout import to_original
+from sdfast import infer_config, layouts
 
 STEPS = 4
 LATENT_TOL = 1e-4
@@ -215,7 +216,7 @@ def _write_single_file(ref, path, family):
     file = {}
     for name in parts:
         model = getattr(ref.pipe, name)
-        file |= layouts.to_original(name, _config(model), _state(model), family)
+        file |= to_original(name, _config(model), _state(model), family)
     prefix = layouts.TEXT_PREFIXES[family]["text_encoder_2"]
     file[prefix + "logit_scale"] = torch.tensor(4.6052)  # OpenCLIP's, unused
     file["alphas_cumprod"] = torch.rand(1000)
@@ -231,7 +232,7 @@ def test_single_file_generates_like_the_folder(pipes, tmp_path, model):
     _write_single_file(ref, path, family)
     overrides = {k: v for k, v in UNREVEALED.items() if k != "text_encoder" or family == "sdxl"}
     pipe = sdfast.load(path, overrides={**overrides, "scheduler": {"timestep_spacing": "leading"}})
-    assert pipe.options == folder_pipe.options
+    assert pipe.xl_options == folder_pipe.xl_options
     assert (pipe.text_encoder is None) == (model == "refiner")
     assert pipe.vae.config.scaling_factor == 0.13025
     kwargs = dict(steps=3, seed=4, width=64, height=48)
@@ -296,11 +297,11 @@ def test_real_sdxl_sizes():
         }
         file = {}
         for name, model in models.items():
-            file |= layouts.to_original(name, _config(model), _state(model), "sdxl")
+            file |= to_original(name, _config(model), _state(model), "sdxl")
     shapes = {k: tuple(v.shape) for k, v in file.items()}
-    assert layouts.detect_family(shapes) == "sdxl"
+    assert infer_config.detect_family(shapes) == "sdxl"
     assert single_file_utils.infer_diffusers_model_type(file) == "xl_base"
-    configs = layouts.infer_configs(shapes)
+    configs = infer_config.infer_configs(shapes)
     assert configs["pipeline"] == {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
     assert (configs["pad_token"], configs["pad_token_2"]) == ("<|endoftext|>", "!")
     for component, model in models.items():

@@ -82,12 +82,14 @@ if [ "$REHEARSE" = 1 ]; then
   SD=tiny; XL=tiny-sdxl; SIZE=32; XL_SIZE=32; BATCH=2  # one interpreted Triton step of the tiny U-Net: ~8 s
   ROW=(--steps 1 --warmup 0 --repeat 1 --dtype fp32 --device cpu)
   COMPILE=(--compiler eager)
+  LORA=(--lora-rank 4)
   KERNEL_TESTS=(tests/kernels/test_group_norm.py -k "fp32 and not sd_shapes")
   GPU_TESTS=(-m gpu tests/backends tests/test_schedulers.py)
 else
   SD=sd15; XL=sdxl; SIZE=512; XL_SIZE=1024; BATCH=4
   ROW=(--steps 30 --warmup 2 --repeat 5 --dtype fp16 --device cuda)
   COMPILE=(--compile-mode reduce-overhead)  # max-autotune takes 4-8 minutes for SD 1.5: not in this lease
+  LORA=(--lora-rank 64)  # the LoRA issue's goal: a rank-64 SD 1.5 LoRA swapped in < 100 ms
   KERNEL_TESTS=(tests/kernels)
   GPU_TESTS=(-m gpu tests --ignore=tests/kernels)  # tests-kernels ran those
 fi
@@ -99,10 +101,10 @@ stage tests-kernels 80 $S tests --label kernels -- "${KERNEL_TESTS[@]}"
 stage tests-gpu 50 $S tests --label gpu -- "${GPU_TESTS[@]}"
 SD15=($S bench --report sd15 --arch $SD --size $SIZE "${ROW[@]}" --peak "$PEAK")
 stage sd15-diffusers 60 "${SD15[@]}" --baseline
-stage sd15-triton 90 "${SD15[@]}" --backend triton
-stage sd15-torch 45 "${SD15[@]}" --backend torch
+stage sd15-triton 90 "${SD15[@]}" --backend triton "${LORA[@]}"
+stage sd15-torch 45 "${SD15[@]}" --backend torch "${LORA[@]}"
 stage sd15-graphs 60 "${SD15[@]}" --backend triton:kernels=off  # CUDA graphs, channels-last, fused QKV; torch ops
-stage sd15-compile 150 "${SD15[@]}" --backend compile "${COMPILE[@]}"
+stage sd15-compile 150 "${SD15[@]}" --backend compile "${COMPILE[@]}" "${LORA[@]}"
 stage sd15-diffusers-compile 150 "${SD15[@]}" --compiled-baseline "${COMPILE[@]}"
 # every config of both kernels on each shape: the winners autotune.json keeps for the next run's quick lists
 stage sd15-triton-full 150 "${SD15[@]}" --backend triton:autotune=full

@@ -22,6 +22,8 @@ Only the standard library is imported at the top: ``record`` must start in milli
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -41,9 +43,17 @@ def _read(path: Path) -> dict:
 
 def _write(path: Path, data: dict) -> None:
     """Atomically: a reader (or a kill) never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(path)
+    _files().write_atomically(path, json.dumps(data, indent=1))
+
+
+@functools.cache
+def _files():
+    """sdfast/files.py (sdfast's one atomic write), loaded from its file: importing it through the sdfast package
+    would import torch, and cost ``record`` seconds."""
+    spec = importlib.util.spec_from_file_location("sdfast_files", Path(__file__).parents[2] / "sdfast" / "files.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _update(out: Path, key: str, value) -> None:
@@ -100,8 +110,6 @@ def _junit(path: Path) -> dict:
 
 
 def tests(args) -> int:
-    import importlib.util
-
     xml = args.work / f"junit-{args.label}.xml"
     # a hung test fails alone (pytest-timeout, on the GPU image) instead of costing the stage its report
     timeout = ["--timeout=60"] if importlib.util.find_spec("pytest_timeout") else []
@@ -148,7 +156,8 @@ def bench(args) -> int:
         backends=(args.backend,) if args.backend else (), baseline=args.baseline,
         compiled_baseline=args.compiled_baseline, sizes=((args.size, args.size),), batches=(args.batch,),
         steps=args.steps, dtype=args.dtype, device=args.device, warmup=args.warmup, repeat=args.repeat,
-        compile_mode=args.compile_mode, compiler=args.compiler, peak=args.peak or "datasheet")
+        compile_mode=args.compile_mode, compiler=args.compiler, peak=args.peak or "datasheet",
+        lora_rank=args.lora_rank)
     model = random_model(args.arch, cache_dir() / "random")
     part = run(model, settings, label=f"{args.arch} (random weights)", progress=False,
                command=" ".join(["benchmarks/gpu/stages.py", *sys.argv[1:]]))
@@ -236,6 +245,10 @@ def _table(name: str, report: dict) -> list[str]:
         share = "" if fraction is None else f"{fraction:.1%}"
         lines.append(f"| {r['backend']} | {r['batch']} | {lat['unet']['p50']:.2f} | {lat['end_to_end']['p50']:.0f} | "
                      f"{r['unet_tflops']:.1f} | {share} | {ratios[0]} | {ratios[1]} |")
+    swaps = {r["backend"]: r["lora_swap"] for r in report["rows"] if "lora_swap" in r}
+    lines += [f"LoRA swap, {b}: " + (sw.get("reason") or f"rank {sw['rank']}, {sw['modules']} modules: add "
+                                      f"{sw['add_ms']:.1f} ms, on {sw['on_ms']:.1f} ms, off {sw['off_ms']:.1f} ms")
+              for b, sw in swaps.items()]
     return lines
 
 
@@ -333,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--compile-mode", default=None)
     b.add_argument("--compiler", default="inductor")
+    b.add_argument("--lora-rank", type=int, default=0, help="also time a random LoRA of this rank being swapped")
     b.add_argument("--peak", default=None, help="TFLOP/s measured by the env stage (default: the datasheet)")
     r = sub.choices["record"]
     r.add_argument("--stage", required=True)

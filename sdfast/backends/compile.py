@@ -62,5 +62,11 @@ class CompiledUNet(nn.Module):
         super().__init__()
         self.compiled, self.config = compiled, config
 
+    @property
+    def unet(self) -> nn.Module:
+        """The prepared torch U-Net whose parameters the compiled graph reads as inputs (LoRA merges write them in
+        place: no recompilation)."""
+        return self.compiled._orig_mod
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
         return self.compiled(x, t, context, **extra).clone()

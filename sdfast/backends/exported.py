@@ -1,9 +1,10 @@
 """What the two export backends (``onnxruntime``, ``tensorrt``) share: the three networks over exported graphs,
 with the torch modules' call signatures and ``.config``, and the way from a checkpoint or an export folder to them.
 
-A backend supplies one ``run(inputs, outputs) -> {name: tensor}`` callable per graph (``inputs``: {name: tensor};
-``outputs``: {name: shape}, so a runner can allocate them on the device up front) through its
-``runners(folder, manifest, device, **options)``; the classes here turn those into what the pipeline calls:
+A backend supplies one ``Runner`` per graph (``run(inputs, outputs) -> {name: tensor}``; ``inputs``: {name: tensor};
+``outputs``: {name: shape}, so a runner can allocate them on the device up front; ``run.max_batch(input)``: the
+most rows it takes) through its ``runners(folder, manifest, device, **options)``; the classes here turn those into
+what the pipeline calls:
 ``text_encoder(ids, clip_skip)``, ``unet(x, t, context)`` (SDXL: ``text_embeds`` and ``time_ids`` too),
 ``vae.encode(image, generator)`` and ``vae.decode(latents)``. Graph signatures: ``sdfast.export.onnx``.
 """
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from ..checkpoint import read_json
@@ -21,7 +23,45 @@ from ..models import CLIPTextConfig, UNetConfig, VAEConfig, image_side
 from ..models.vae import sample_posterior
 from ..tokenizer import Tokenizer
 
-Run = Callable[[dict[str, torch.Tensor], dict[str, tuple[int, ...]]], dict[str, torch.Tensor]]
+
+class Runner(Protocol):
+    """One exported graph, run by a backend."""
+
+    def __call__(self, inputs: dict[str, torch.Tensor],
+                 outputs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]: ...
+
+    def max_batch(self, name: str) -> int | None:
+        """The most rows (batch entries) input ``name`` may have in one call, or None when any number runs."""
+
+    def set_initializers(self, values: dict[str, np.ndarray | None]) -> None:
+        """Replace some of the graph's weights (by initializer name; None: the graph's own value again) from the
+        next call on: ONNX Runtime makes a new session with them, TensorRT refits its engines. No new export, no
+        engine build."""
+
+
+class GraphWeights:
+    """A network's LoRA-patchable weights inside its exported graph (``pipe.loras`` reads and writes them as it
+    does a torch module's): base values read from the graph file, new ones handed to the runner. ``places``: the
+    manifest's ``weights`` for the graph ({module path: [initializer, transposed, shape]},
+    ``sdfast.export.weights``)."""
+
+    def __init__(self, run: Runner, graph: Path, places: dict[str, list], dtype: torch.dtype):
+        self.run, self.graph, self.dtype = run, graph, dtype
+        self.places = {path: (name, transposed) for path, (name, transposed, _) in places.items()}
+        self.shapes = {path: tuple(shape) for path, (_, _, shape) in places.items()}
+
+    def read(self, paths: list[str]) -> dict[str, torch.Tensor]:
+        from sdfast.export.weights import read_initializers
+
+        return read_initializers(self.graph, {path: self.places[path] for path in paths})
+
+    def write(self, weights: dict[str, torch.Tensor], pristine: set[str] = frozenset()) -> None:
+        """``weights``' new values; those in ``pristine`` are the graph's own again, so their overrides go (None)."""
+        from sdfast.export.weights import as_initializer
+
+        self.run.set_initializers({self.places[path][0]: None if path in pristine else
+                                   as_initializer(value, self.places[path][1], self.dtype)
+                                   for path, value in weights.items()})
 
 
 class TextEncoder:
@@ -29,8 +69,12 @@ class TextEncoder:
     ``final_norm``: whether the graph's hidden states went through the final LayerNorm (SD 1.x / 2.x) or are raw
     (SDXL, called with ``final_norm=False``); a call asking for the other kind is refused."""
 
-    def __init__(self, run: Run, config: CLIPTextConfig, final_norm: bool = True):
-        self.run, self.config, self.final_norm = run, config, final_norm
+    def __init__(self, run: Runner, config: CLIPTextConfig, final_norm: bool = True,
+                 weights: GraphWeights | None = None):
+        self.run, self.config, self.final_norm, self._weights = run, config, final_norm, weights
+
+    def weights(self) -> GraphWeights:
+        return _patchable(self._weights, "text encoder")
 
     def __call__(self, input_ids: torch.Tensor, clip_skip: int = 1, final_norm: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +97,11 @@ class UNet:
     """``unet(x (B, 4, h, w), t () or (B,), context (B, 77*K, C)) -> noise (B, 4, h, w)``, as ``UNet``; SDXL also
     takes ``text_embeds`` (B, P) and ``time_ids`` (B, n)."""
 
-    def __init__(self, run: Run, config: UNetConfig):
-        self.run, self.config = run, config
+    def __init__(self, run: Runner, config: UNetConfig, weights: GraphWeights | None = None):
+        self.run, self.config, self._weights = run, config, weights
+
+    def weights(self) -> GraphWeights:
+        return _patchable(self._weights, "U-Net")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,12 +115,16 @@ class UNet:
             inputs.update(text_embeds=text_embeds, time_ids=time_ids.float())  # (B, P), (B, n) fp32, as the graph
         return self.run(inputs, {"noise": (b, self.config.out_channels, h, w)})["noise"]
 
+    def max_batch(self) -> int | None:
+        """The most latents one call takes (twice the images under guidance), or None when any number runs."""
+        return self.run.max_batch("sample")
+
 
 class VAE:
     """``vae.encode(image, generator) -> scaled latent`` and ``vae.decode(latents) -> image``, as ``AutoencoderKL``:
     the encoder graph gives the posterior and ``sample_posterior`` draws from it exactly as the torch model does."""
 
-    def __init__(self, encode: Run, decode: Run, config: VAEConfig):
+    def __init__(self, encode: Runner, decode: Runner, config: VAEConfig):
         self.run_encode, self.run_decode, self.config = encode, decode, config
         self.factor = image_side(1, len(config.block_channels))  # pixels per latent cell
 
@@ -87,6 +138,19 @@ class VAE:
         b, _, h, w = latents.shape
         shape = (b, self.config.out_channels, h * self.factor, w * self.factor)
         return self.run_decode({"latent": latents}, {"image": shape})["image"]
+
+    def max_decode_batch(self) -> int | None:
+        """The most latents one ``decode`` call takes, or None when any number runs."""
+        return self.run_decode.max_batch("latent")
+
+
+def _patchable(weights: GraphWeights | None, what: str) -> GraphWeights:
+    if weights is None:
+        from ..lora import LoRAError
+
+        raise LoRAError(f"this export's {what} graph has no weight map (exported by an older sdfast): export it "
+                        "again to apply LoRAs")
+    return weights
 
 
 def config(cls, fields: dict):
@@ -126,13 +190,19 @@ def from_folder(runners: Callable, folder: str | Path, device: torch.device, dty
     if missing:
         raise ValueError(f"{folder} lacks the {', '.join(missing)} graph(s): export all of the model's networks")
     final_norm = manifest.get("text_final_norm", True)  # SDXL's graphs hold raw hidden states
-    text = {name: TextEncoder(run[name], config(CLIPTextConfig, configs[name]), final_norm) for name in encoders}
+    def weights(name: str) -> GraphWeights | None:  # where LoRAs write (sdfast.export.weights)
+        entry = manifest["networks"][name]
+        return GraphWeights(run[name], folder / entry["file"], entry["weights"], exported) if "weights" in entry \
+            else None
+
+    text = {name: TextEncoder(run[name], config(CLIPTextConfig, configs[name]), final_norm, weights(name))
+            for name in encoders}
     tokenizers = {name: Tokenizer.from_folder(folder / manifest[tok])
                   for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
                   if name in encoders}
     return dict(tokenizer=tokenizers.get("text_encoder"), text_encoder=text.get("text_encoder"),
-                unet=UNet(run["unet"], config(UNetConfig, configs["unet"])),
+                unet=UNet(run["unet"], config(UNetConfig, configs["unet"]), weights("unet")),
                 vae=VAE(run["vae_encoder"], run["vae_decoder"], config(VAEConfig, configs["vae"])),
                 scheduler_config=read_json(folder / manifest["scheduler_config"]), device=device, dtype=exported,
                 text_encoder_2=text.get("text_encoder_2"), tokenizer_2=tokenizers.get("text_encoder_2"),
-                options=manifest.get("options", {}))
+                xl_options=manifest.get("options", {}))  # manifest.json calls them "options"

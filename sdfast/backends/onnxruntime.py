@@ -64,8 +64,10 @@ class Session:
     tensors, one graph id per shape, outputs copied out) runs on any provider; only the CUDA provider captures."""
 
     def __init__(self, path: Path, device: torch.device, providers: list | None = None, cuda_graph: bool = False):
+        self.path, self.providers = path, providers or providers_for(device, cuda_graph)
+        self.overrides: dict[str, object] = {}  # initializer name -> OrtValue (LoRA-merged weights)
         try:
-            self.session = ort_session(path, providers or providers_for(device, cuda_graph))
+            self.session = ort_session(path, self.providers)
         except Exception as e:  # ORT refuses graph capture when a node (e.g. shape arithmetic) sits on the CPU
             if not cuda_graph or isinstance(e, ExportError):
                 raise
@@ -120,6 +122,24 @@ class Session:
             graph.inputs[name].copy_(t)  # casts to the graph's dtype and device
         self._run(graph.binding, graph.run_options)
         return {name: t.clone() for name, t in graph.outputs.items()}  # the next replay overwrites the static ones
+
+    def max_batch(self, name: str) -> None:
+        """None: the exported graphs' batch axis is dynamic, so any number of rows runs."""
+        return None
+
+    def set_initializers(self, values: dict[str, np.ndarray | None]) -> None:
+        """New values for some of the graph's weights (None: the file's own again): a new session over the same
+        file with them (and earlier ones) as overriding initializers. No export; ORT optimises the graph again
+        (seconds for a full U-Net) and captures its CUDA graphs anew."""
+        import onnxruntime
+
+        for name, value in values.items():
+            if value is None:
+                self.overrides.pop(name, None)
+            else:
+                self.overrides[name] = onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+        self.session = ort_session(self.path, self.providers, initializers=self.overrides)
+        self.captured.clear()
 
 
 def runners(folder: Path, manifest: dict, device: torch.device, *, providers: list | None = None,

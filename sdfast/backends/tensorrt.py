@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdfast.export.tensorrt import (Engine, EngineError, Shapes, build_engines, check_shapes, check_target, covering,
-                                    device_name, find_engines, flavour, tensorrt, write_atomically)
+                                    device_name, find_engines, flavour, tensorrt)
 
+from ..files import write_atomically
 from ..models import image_side
 from . import exported
 
@@ -88,21 +90,58 @@ class EngineRunner:
         return results
 
 
+    def refit(self, values: dict[str, np.ndarray]) -> None:
+        """New values for weights the engine was built to refit (``BuilderFlag.REFIT_INDIVIDUAL``), by ONNX
+        initializer name, written into the engine in place: its execution context stays valid."""
+        trt = tensorrt()
+        refitter = trt.Refitter(self.engine, self.logger)
+        held = [np.ascontiguousarray(value) for value in values.values()]  # alive until the refit is done
+        for name, value in zip(values, held):
+            if not refitter.set_named_weights(name, trt.Weights(value)):
+                raise EngineError(f"{self.meta['network']}: the engine does not refit weights {name!r} (built "
+                                  "before sdfast kept LoRA weights refittable): rebuild it with `sdfast build`")
+        self.stream.synchronize()
+        if not refitter.refit_cuda_engine():
+            raise EngineError(f"{self.meta['network']}: TensorRT could not refit the engine (see its errors above)")
+
+
 class EngineSet:
     """Every usable engine of one network (newest first): a call runs on the first whose profiles admit its shapes
-    (``covering``), so builds for different sizes can sit side by side. Engines are deserialised on first use.
-    ``meta`` holds all their profiles, for callers that size batches from them."""
+    (``covering``), so builds for different sizes can sit side by side. Engines are deserialised on first use."""
 
-    def __init__(self, engines: list[Engine], device: torch.device):
-        self.engines, self.device = engines, device
+    def __init__(self, engines: list[Engine], device: torch.device, onnx_file: Path):
+        self.engines, self.device, self.onnx_file = engines, device, onnx_file
         self.runners: dict[Path, EngineRunner] = {}
-        self.meta = {"network": engines[0].meta["network"],
-                     "profiles": [p for e in engines for p in e.meta["profiles"]]}
+        self.overrides: dict[str, np.ndarray] = {}  # initializer name -> refitted value (LoRAs)
+        self.profiles = [p for e in engines for p in e.meta["profiles"]]  # {input: [min, opt, max shape]} each
+
+    def max_batch(self, name: str) -> int:
+        """The most rows of input ``name`` that every profile admits, whatever the other dimensions (the smallest
+        of the profiles' largest batches)."""
+        return min(profile[name][2][0] for profile in self.profiles)
+
+    def set_initializers(self, values: dict[str, np.ndarray | None]) -> None:
+        """Refit every engine of the network (None: the graph's own value, read back from the ONNX file); engines
+        loaded later get the same values when they load."""
+        from sdfast.export.weights import read_named
+
+        fixed = [e.path.name for e in self.engines if not e.meta.get("refittable")]
+        if fixed:
+            raise EngineError(f"engine {fixed[0]} was built without refittable weights (TensorRT-RTX marks them only "
+                              "when the build machine has a GPU): rebuild it on the GPU with `sdfast build` to apply "
+                              "LoRAs")
+        missing = [name for name, value in values.items() if value is None]
+        originals = read_named(self.onnx_file, missing) if missing else {}
+        self.overrides.update({name: originals.get(name, value) for name, value in values.items()})
+        for runner in self.runners.values():
+            runner.refit({name: self.overrides[name] for name in values})
 
     def __call__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         engine, _ = covering(self.engines, {name: tuple(t.shape) for name, t in inputs.items()})
         if engine.path not in self.runners:
-            self.runners[engine.path] = EngineRunner(engine.path, engine.meta, self.device)
+            runner = self.runners[engine.path] = EngineRunner(engine.path, engine.meta, self.device)
+            if self.overrides:  # LoRAs merged before this engine was first needed
+                runner.refit(self.overrides)
         return self.runners[engine.path](inputs, outputs)
 
 
@@ -133,7 +172,8 @@ def runners(folder: Path, manifest: dict, device: torch.device, *, build: bool =
         side = image_side(configs["unet"]["sample_size"], len(configs["vae"]["block_channels"]))
         shapes = Shapes.parse(sizes or [f"{side}x{side}"], batch or [1], prompt_chunks)
         build_engines(folder, shapes, fp16=fp16, networks=tuple(manifest["networks"]), log=lambda _: None)
-    return {name: EngineSet(find_engines(folder, name), device) for name in manifest["networks"]}
+    return {name: EngineSet(find_engines(folder, name), device, folder / net["file"])
+            for name, net in manifest["networks"].items()}
 
 
 # -- the backend interface (sdfast.backends.Backend) --

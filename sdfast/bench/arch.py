@@ -21,6 +21,7 @@ from torch import nn
 
 from ..models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig, image_side
 from ..models.layers import GroupNorm
+from ..schedulers import SD_SCHEDULER_CONFIG
 from ..tokenizer import write_clip_tokenizer
 
 
@@ -94,12 +95,9 @@ PRESETS: dict[str, Arch] = {
                                       projection_dim=16)),
 }
 
-# The SD 1.5 / 2.1 releases' scheduler_config.json (their schedule; the method is chosen per run by name).
-SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-             "clip_sample": False, "timestep_spacing": "leading"}
-# SDXL's releases ship the same schedule with the Euler scheduler.
-SDXL_SCHEDULER = {**SCHEDULER, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+# The releases' scheduler_config.json (their schedule; the method is chosen per run by name): SD 1.5 / 2.1 ship
+# SD_SCHEDULER_CONFIG, SDXL the same schedule with the Euler scheduler.
+SDXL_SCHEDULER = {**SD_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
                   "use_karras_sigmas": False}
 
 
@@ -221,7 +219,7 @@ def write_random_model(folder: str | Path, arch: Arch, *, seed: int = 0, dtype=t
     if arch.is_xl:
         write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")  # OpenCLIP's padding
     (folder / "scheduler").mkdir(exist_ok=True)
-    scheduler = SDXL_SCHEDULER if arch.is_xl else SCHEDULER
+    scheduler = SDXL_SCHEDULER if arch.is_xl else SD_SCHEDULER_CONFIG
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({**scheduler, "prediction_type": arch.prediction_type}, indent=2))
     (folder / "model_index.json").write_text(json.dumps(_model_index(arch), indent=2))  # last: the folder is complete

@@ -91,6 +91,9 @@ SCHEMA = {
                             "oneOf": [{"type": "null"}, _SPEEDUP]},
                 "speedup_compiled": {"description": "diffusers-compile p50 / this row's p50; null without it",
                                      "oneOf": [{"type": "null"}, _SPEEDUP]},
+                "lora_swap": {"type": "object", "required": ["rank"],
+                              "description": "sdfast.bench.swap.measure_swap on this backend (--lora-rank): ms to "
+                                             "add a random LoRA, switch it on / off, rescale it"},
             },
             "if": {"properties": {"status": {"const": "ok"}}},
             "then": {"required": ["load_s", "first_call_ms", "latency_ms", "images_per_s", "memory_mb", "unet_flops",
@@ -178,6 +181,17 @@ def markdown(report: dict) -> str:
                   "| module, ms | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
         for module in group[shown[0]]:
             lines.append(f"| {module} | " + " | ".join(group[b][module] for b in shown) + " |")
+        lines.append("")
+    swaps = {r["backend"]: r["lora_swap"] for r in rows if "lora_swap" in r}
+    if swaps:
+        lines += ["## LoRA swap (random LoRA, medians)", "",
+                  "| backend | rank | modules | add, ms | on, ms | off, ms | rescale, ms |", "|---" * 7 + "|"]
+        for backend, sw in swaps.items():
+            if "reason" in sw:
+                lines.append(f"| {backend} | {sw['rank']} | {sw['reason'].replace('|', '/')} | | | | |")
+            else:
+                lines.append(f"| {backend} | {sw['rank']} | {sw['modules']} | " + " | ".join(
+                    _ms(sw[k]) for k in ("add_ms", "on_ms", "off_ms", "rescale_ms")) + " |")
         lines.append("")
     missing = [r for r in rows if r["status"] != "ok"]
     if missing:

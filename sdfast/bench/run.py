@@ -23,13 +23,14 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import WeightFile, read_json
-from ..layouts import infer_configs
+from ..infer_config import infer_configs
 from ..models import image_side
 from ..schedulers import SCHEDULERS
 from ..timing import Timings, latency_stats
 from .baseline import DiffusersBaseline
 from .env import Peak, device_peak, environment, measure_matmul
 from .flops import unet_flops
+from .swap import measure_swap
 
 BASELINE = "diffusers"
 COMPILED_BASELINE = "diffusers-compile"  # diffusers' U-Net through torch.compile: the strongest PyTorch-native peer
@@ -58,6 +59,7 @@ class Settings:
     compiler: str = "inductor"  # torch.compile's backend; "eager" only traces (CPU smoke runs)
     peak: str = "datasheet"  # the fraction of peak against: "datasheet" (sdfast.bench.env.PEAKS), "measure" (a
     # large matmul in the run's dtype, timed at the start of the run), or a number in TFLOP/s measured earlier
+    lora_rank: int = 0  # > 0: also time a random LoRA of this rank being applied, rescaled and removed (per backend)
     prompt: str = "a photograph of an astronaut riding a horse"
     guidance_scale: float = 7.5
     seed: int = 0
@@ -86,6 +88,8 @@ class Settings:
             parse_backend(spec)
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank}: need 0 (no LoRA swap timing) or a rank >= 1")
         if self.peak not in ("datasheet", "measure") and not _positive_number(self.peak):
             raise ValueError(f"peak {self.peak!r}: use datasheet, measure, or a positive number of TFLOP/s")
 
@@ -254,10 +258,18 @@ def _bench_backend(backend: str, model: Path, settings: Settings, sizes, bar: tq
         return [{"backend": backend, "width": w, "height": h, "batch": b, "status": "skipped", "reason": _reason(e)}
                 for w, h, b in configs]
     load_s = time.perf_counter() - start
+    swap = None
+    if settings.lora_rank and isinstance(runner, _Sdfast):
+        try:
+            swap = measure_swap(runner.pipe, settings.lora_rank)
+        except Exception as e:  # e.g. a backend that runs exported graphs without LoRA support
+            swap = {"rank": settings.lora_rank, "status": "failed", "reason": _reason(e)}
     rows = []
     for w, h, b in configs:
         bar.set_postfix_str(f"{backend} {w}x{h} batch {b}")
         row = {"backend": backend, "width": w, "height": h, "batch": b, "load_s": round(load_s, 3)}
+        if swap is not None:
+            row["lora_swap"] = swap
         try:
             row.update(_measure(runner, settings, w, h, b, bar))
         except Exception as e:  # e.g. out of memory, a shape outside an engine's profiles, NaN in fp16

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .images import save
+from ..files import write_atomically
 
 
 def add_parsers(sub) -> None:
@@ -47,6 +47,8 @@ def add_parsers(sub) -> None:
                        help="torch.compile backend (inductor; eager only traces, for smoke runs on a CPU)")
     bench.add_argument("--peak", default="datasheet", help="what fraction_of_peak divides by: datasheet (the GPU's "
                        "published dense fp16 rate), measure (a matmul timed at the start), or TFLOP/s")
+    bench.add_argument("--lora-rank", type=int, default=0,
+                       help="also time applying / removing a random LoRA of this rank on each backend (e.g. 64)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", type=Path, default=Path("bench.json"),
                        help="the JSON report; the markdown table (.md) and the chart (.png) are written beside it")
@@ -87,7 +89,7 @@ def run_bench(args) -> int:
         scheduler=args.scheduler, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
         device=device, warmup=args.warmup, repeat=args.repeat, baseline=not args.no_baseline, seed=args.seed,
         compiled_baseline=args.compiled_baseline, compile_mode=args.compile_mode, compiler=args.compiler,
-        peak=args.peak)
+        peak=args.peak, lora_rank=args.lora_rank)
     settings.check()
     if args.arch:
         preset(args.arch)  # an unknown name fails before anything is written
@@ -95,7 +97,7 @@ def run_bench(args) -> int:
 
         model, label = random_model(args.arch, cache_dir() / "random"), f"{args.arch} (random weights)"
     else:
-        from ..pipeline import DEFAULT_MODEL
+        from ..loading import DEFAULT_MODEL
 
         model = Path(args.model or os.environ.get("SDFAST_MODEL") or DEFAULT_MODEL)
         label = model.name
@@ -113,8 +115,7 @@ def run_bench(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save_report(result: dict) -> None:  # after every backend, so a run that is killed keeps what it measured
-        text = json.dumps(result, indent=1).encode()
-        save(lambda f: f.write(text), args.out)
+        write_atomically(args.out, json.dumps(result, indent=1))
 
     result = benchmark(model, settings, label=label, command=command, on_rows=save_report)
     save_report(result)

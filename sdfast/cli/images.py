@@ -1,6 +1,6 @@
 """``sdfast generate`` (text to image), ``img2img`` and ``interpolate`` (a strip of frames morphing one prompt's
 image into another's). The command line becomes one checked ``Request`` before the model loads; its errors speak
-in flags (``FLAGS``); files are written whole or not at all (``save``)."""
+in flags (``FLAGS``); files are written whole or not at all (``sdfast.files.write_atomically``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
+
+from ..files import write_atomically
+from ..tokenizer import PromptTruncated
 
 
 def add_parsers(sub) -> None:
@@ -24,6 +28,8 @@ def add_parsers(sub) -> None:
     common.add_argument("--long-prompts", action="store_true", help="encode prompts over 75 tokens in chunks")
     common.add_argument("--previews", type=Path, default=None, help="folder for step-by-step previews")
     common.add_argument("--preview-every", type=int, default=1, help="with --previews: every N steps")
+    common.add_argument("--preview-decode", default="auto", help="with --previews: linear (cheap; SD and SDXL VAEs), "
+                        "vae (a full decode) or auto (linear where the model's VAE has a map, else vae)")
     common.add_argument("--timings", type=Path, default=None, help="write the per-step timings as JSON here")
     common.add_argument("--backend", default="torch", help="torch, triton, compile, onnxruntime or tensorrt "
                         "(for the last two --model may be a folder written by `sdfast export`)")
@@ -63,6 +69,8 @@ def _base_options(output: str, output_help: str, seed: int | None, seed_help: st
     base.add_argument("--height", type=int, default=None)
     base.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     base.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    base.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="PATH[:SCALE]",
+                      help="apply a LoRA (kohya / webui, LoCon or diffusers file) at SCALE (default 1); repeatable")
     return base
 
 
@@ -71,7 +79,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width", "height": "--height",
          "size": "--width/--height", "steps": "--steps", "guidance_scale": "--guidance", "scheduler": "--scheduler",
          "seed": "--seed", "batch_size": "--batch", "clip_skip": "--clip-skip", "strength": "--strength",
-         "image": "IMAGE", "preview_every": "--preview-every", "long_prompts": "--long-prompts"}
+         "image": "IMAGE", "preview_every": "--preview-every", "long_prompts": "--long-prompts",
+         "preview_decode": "--preview-decode", "loras": "--lora", "device": "--device"}
 
 
 def _request(args, callback=None):
@@ -87,7 +96,25 @@ def _request(args, callback=None):
                          batch_size=args.batch, clip_skip=args.clip_skip, long_prompts=args.long_prompts,
                          image=args.image if args.command == "img2img" else None,
                          strength=getattr(args, "strength", 0.8),
-                         preview_every=args.preview_every if args.previews else 0, callback=callback)
+                         preview_every=args.preview_every if args.previews else 0,
+                         preview_decode=args.preview_decode, callback=callback)
+
+
+def lora_arg(text: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` -> (path, scale): the part after the last colon is the scale when it reads as a number."""
+    from ..request import lora_scale
+
+    path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        return Path(text), 1.0
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: name the LoRA file before the scale, e.g. style.safetensors:0.8")
+    try:
+        return Path(path), lora_scale("--lora", Path(path).stem, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e.rule}") from None
 
 
 def _check_output(path: Path) -> None:
@@ -114,6 +141,15 @@ def _check_args(args) -> None:
                              "deterministic one (euler, ddim, dpmpp_2m, ...)")
     if args.model and not Path(args.model).exists():
         raise ValueError(f"model {args.model} does not exist")
+    for path, _ in args.lora:
+        if not path.is_file():
+            raise ValueError(f"--lora {path}: no such file")
+
+
+def load_loras(pipe, loras: list[tuple[Path, float]]) -> None:
+    """Each ``--lora`` at its scale, named by its file (a second file of the same name gets a suffix)."""
+    for i, (path, scale) in enumerate(loras):
+        pipe.loras.load(path, scale, name=path.stem if path.stem not in pipe.loras else f"{path.stem}-{i}")
 
 
 def _outputs(path: str, n: int) -> list[Path]:
@@ -121,27 +157,15 @@ def _outputs(path: str, n: int) -> list[Path]:
     return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
-def save(write, path: Path) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then renamed over it: an interrupted or failed write
-    leaves the old file as it was, and a symlink at ``path`` is replaced, never written through."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as f:
-            write(f)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def _save_image(image: Image.Image, path: Path) -> None:
-    save(lambda f: image.save(f, format=Image.registered_extensions()[path.suffix.lower()]), path)
+    write_atomically(path, lambda f: image.save(f, format=Image.registered_extensions()[path.suffix.lower()]))
 
 
 def run(args) -> None:
     import torch
 
     import sdfast
+    from sdfast.pipeline import OutsideVocabulary
 
     _check_args(args)
     bar = None  # made once the model is loaded, so that no error line is glued to an empty progress bar
@@ -150,6 +174,7 @@ def run(args) -> None:
     exported = args.model and (Path(args.model) / "manifest.json").is_file()  # runs in its export's dtype
     dtype = args.dtype or (None if exported else "fp16" if device.startswith("cuda") else "fp32")
     pipe = sdfast.load(args.model or None, device=device, dtype=dtype, backend=getattr(args, "backend", "torch"))
+    load_loras(pipe, args.lora)
     if args.command == "interpolate":
         run_interpolate(pipe, args)
         return
@@ -157,9 +182,19 @@ def run(args) -> None:
     # no total: img2img and two-evaluation schedulers (heun) run a different number of model calls than --steps
     bar = tqdm(desc="denoising", unit="step", file=sys.stderr, leave=False)
     try:
-        result = pipe.run(request)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncated)
+            warnings.simplefilter("always", OutsideVocabulary)
+            result = pipe.run(request)
     finally:
         bar.close()
+    for w in caught:  # after the bar is gone, one line each, in the command line's words
+        if isinstance(w.message, PromptTruncated):
+            print(f"sdfast {args.command}: warning: {w.message.worded('pass --long-prompts')}", file=sys.stderr)
+        elif isinstance(w.message, OutsideVocabulary):
+            print(f"sdfast {args.command}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     outputs = _outputs(args.output, len(result.images))
     for im, path in zip(result.images, outputs):
         _save_image(im, path)
@@ -168,8 +203,7 @@ def run(args) -> None:
             for i, im in enumerate(images):
                 _save_image(im, args.previews / f"step{step:03d}{'' if len(images) == 1 else f'-{i}'}.png")
     if args.timings:
-        text = json.dumps({"seed": result.seed, **result.timings.to_dict()}, indent=1).encode()
-        save(lambda f: f.write(text), args.timings)
+        write_atomically(args.timings, json.dumps({"seed": result.seed, **result.timings.to_dict()}, indent=1))
     print(f"{', '.join(map(str, outputs))} (seed {result.seed}): {result.timings.summary()}")
 
 

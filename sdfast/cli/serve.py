@@ -23,6 +23,9 @@ def add_parsers(sub) -> None:
     srv.add_argument("--max-batch", type=int, default=4, help="images per batched call (1: no batching)")
     srv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for batch-mates")
     srv.add_argument("--max-queued", type=int, default=16, help="requests waiting for a replica before 503s")
+    srv.add_argument("--lora-dir", default=None, help="folder of .safetensors LoRAs requests may name by file stem "
+                     '({"loras": {"NAME": SCALE}})')
+    srv.add_argument("--max-loaded-loras", type=int, default=8, help="LoRAs each replica keeps loaded")
 
 
 def run_serve(args) -> None:
@@ -37,7 +40,8 @@ def run_serve(args) -> None:
         raise ValueError(f"model {args.model} does not exist")
     options = ServeOptions(model=args.model, backend=args.backend, replicas=args.replicas, host=args.host,
                            port=args.port, gpus=args.gpus, dtype=args.dtype, max_batch=args.max_batch,
-                           batch_wait_s=args.batch_wait_ms / 1e3, max_queued_requests=args.max_queued)
+                           batch_wait_s=args.batch_wait_ms / 1e3, max_queued_requests=args.max_queued,
+                           lora_dir=args.lora_dir, max_loaded_loras=args.max_loaded_loras)
     from ray import serve
 
     from ..serve.app import APP_NAME, start

@@ -47,6 +47,14 @@ class VAEConfig:
             force_upcast=cfg.get("force_upcast", True),
         )
 
+    def compute_dtype(self, dtype: torch.dtype, is_xl: bool) -> torch.dtype:
+        """The dtype this VAE runs in within a ``dtype`` pipeline: fp32 for SDXL's (``force_upcast``) in fp16, where
+        it overflows; else the pipeline's (bf16 has fp32's range). The torch pipeline and the ONNX export both ask
+        here, so an exported VAE graph is in the dtype the torch pipeline decodes in."""
+        if is_xl and dtype == torch.float16 and self.force_upcast:
+            return torch.float32
+        return dtype
+
 
     def num_parameters(self) -> int:
         """The number of weights ``AutoencoderKL(self)`` holds, by arithmetic alone (no module is built)."""

@@ -20,12 +20,12 @@ run, which `set_timesteps` and `start_at` clear.
 
 from __future__ import annotations
 
-from .schedule import PREDICTION_TYPES, ScheduleConfig, Scheduler
+from .schedule import PREDICTION_TYPES, SD_SCHEDULE, SD_SCHEDULER_CONFIG, ScheduleConfig, Scheduler
 from .solvers import (DDIM, LCM, PNDM, DPMSolver2M, DPMSolver2MKarras, Euler, EulerAncestral, Heun,
                       UniPC)
 
-__all__ = ["PREDICTION_TYPES", "SCHEDULERS", "STOCHASTIC_SCHEDULERS", "ScheduleConfig", "Scheduler",
-           "make_scheduler"]
+__all__ = ["PREDICTION_TYPES", "SCHEDULERS", "SD_SCHEDULE", "SD_SCHEDULER_CONFIG", "STOCHASTIC_SCHEDULERS",
+           "ScheduleConfig", "Scheduler", "make_scheduler"]
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "ddim": DDIM,

@@ -58,6 +58,18 @@ class ScheduleConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not supported; expected one of {allowed}")
 
 
+# The noise schedule of every SD 1.x / 2.x / XL release, as scheduler_config.json keys (ScheduleConfig's defaults):
+# LDM's linear_start / linear_end over its training steps ("linear" there is linear in sqrt(beta), diffusers'
+# scaled_linear), with the releases' timestep spacing and offset.
+SD_SCHEDULE = {name: getattr(ScheduleConfig, name) for name in
+               ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "timestep_spacing", "steps_offset")}
+# The scheduler_config.json the SD 1.5 / 2.1 releases ship (2.1 adds prediction_type "v_prediction"): that schedule
+# under diffusers' PNDMScheduler, with the switches diffusers' PNDM and DDIM read. SDXL ships the same schedule with
+# EulerDiscreteScheduler.
+SD_SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", **SD_SCHEDULE, "set_alpha_to_one": False,
+                       "skip_prk_steps": True, "clip_sample": False}
+
+
 def _cosine_betas(n: int) -> Tensor:
     """Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), each capped at 0.999."""
 

@@ -2,8 +2,9 @@
 
     client --HTTP--> Ray Serve proxy --> Front (checks, auth, retry) --handle--> Pipeline replicas (batching, GPU)
 
-The front turns each HTTP request into a checked ``GenerationRequest`` (``requests.py``) with a fixed seed, and
-calls the pipeline deployment through a handle. Ray Serve's router keeps each replica's queue bounded
+The front turns each HTTP request into a ``GenerationRequest`` with a fixed seed, checked by the Python API's rules
+against the served model's facts and the server's limits (``requests.py``), and calls the pipeline deployment
+through a handle. Ray Serve's router keeps each replica's queue bounded
 (``max_ongoing_requests``) and the callers' queue too (``max_queued_requests``); beyond them the front answers 503
 with ``Retry-After``. When a replica dies mid-request, the controller starts a new one and the front retries the
 request once on another replica, with the same seed, so the client gets the same image or a clear error.
@@ -29,8 +30,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+from ..request import ModelFacts
 from .batching import Cancelled, Generated, engine_max_batch, generate_batch, pipeline_limits
 from .options import ServeOptions, is_loopback
+from .loras import LoRACache, listing
 from .requests import GenerationRequest, RequestError, parse_request
 
 APP_NAME = "sdfast"
@@ -65,6 +68,7 @@ class PipelineReplica:
         self.pipe = sdfast.load(opts.model, device="cuda" if cuda else "cpu",
                                 dtype=opts.dtype or ("fp16" if cuda else "fp32"), backend=opts.backend)
         self.size = (self.pipe.default_size, self.pipe.default_size)
+        self.loras = LoRACache(self.pipe, listing(opts.lora_dir), opts.max_loaded_loras)
         self.max_batch = min(opts.max_batch, engine_max_batch(self.pipe) or opts.max_batch)
         self.limits = pipeline_limits(opts.limits, self.max_batch)
         self.batch_wait_s = opts.batch_wait_s
@@ -77,8 +81,10 @@ class PipelineReplica:
             generate_batch(self.pipe, [warm], limits=self.limits)
 
     def info(self) -> dict:
+        """What the front shows clients (/v1/models) and, in ``facts``, what it checks their requests against."""
         return {"width": self.size[0], "height": self.size[1], "max_batch": self.max_batch,
-                "device": str(self.pipe.device), "dtype": str(self.pipe.dtype).removeprefix("torch.")}
+                "device": str(self.pipe.device), "dtype": str(self.pipe.dtype).removeprefix("torch."),
+                "facts": dataclasses.asdict(self.pipe.facts), "loras": sorted(self.loras.files)}
 
     async def generate(self, request: GenerationRequest, deadline: float | None = None) -> dict:
         """``deadline`` (``time.time()``): when the caller stops waiting. Past it, or once the caller cancels
@@ -109,8 +115,12 @@ class PipelineReplica:
         def stop() -> bool:
             return all(job.dropped() for job in jobs)
 
-        return await asyncio.get_running_loop().run_in_executor(self.device, generate_batch, self.pipe,
-                                                                [job.request for job in jobs], stop, self.limits)
+        def call() -> list[Generated]:
+            requests = [job.request for job in jobs]
+            self.loras.ensure(name for name, _ in requests[0].loras)  # a batch shares one LoRA set
+            return generate_batch(self.pipe, requests, stop, self.limits)
+
+        return await asyncio.get_running_loop().run_in_executor(self.device, call)
 
 
 # Defined before Front: serve.ingress captures the names the routes use when the class is made.
@@ -158,7 +168,8 @@ class Front:
             info = await self._model_info()
         except RequestError as e:
             return _error(e.status, str(e), self.options.retry_after_s)
-        return {"data": [{"id": self.model_id, "backend": self.options.backend, **info,
+        shown = {key: value for key, value in info.items() if key != "facts"}
+        return {"data": [{"id": self.model_id, "backend": self.options.backend, **shown,
                           "limits": dataclasses.asdict(self.options.limits)}]}
 
     @api.post("/v1/txt2img")
@@ -175,7 +186,8 @@ class Front:
         try:
             body = await self._body(request)
             info = await self._model_info()
-            req = parse_request(body, kind, self.options.limits, self.model_id, (info["width"], info["height"]))
+            req = parse_request(body, kind, self.options.limits, self.model_id, ModelFacts(**info["facts"]),
+                                frozenset(info["loras"]))
         except RequestError as e:
             return _error(e.status, str(e), self.options.retry_after_s if e.status == 503 else None)
         for attempt in (1, 2):
@@ -224,8 +236,8 @@ class Front:
         return None
 
     async def _model_info(self) -> dict:
-        """The replicas' model (its own size fills a side a request leaves out), asked once; a 503 while no replica
-        can answer."""
+        """The replicas' model (its facts check requests; its own size fills a side a request leaves out), asked
+        once; a 503 while no replica can answer."""
         async with self._info_lock:
             if self._info is None:
                 try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import exported
 from ..request import Limits as RequestLimits
 from .requests import GenerationRequest, Limits
 
@@ -37,13 +38,14 @@ class Generated:
 
 
 def engine_max_batch(pipe) -> int | None:
-    """The most images one call can hold on compiled engines (the largest batch in every U-Net and VAE-decoder
-    optimisation profile; the U-Net sees twice the images under guidance), or None when the backend takes any."""
+    """The most images one call can hold, or None when the backend takes any number: only networks over exported
+    graphs have a limit (TensorRT engines: the largest batch in every optimisation profile). The U-Net sees twice
+    the images under guidance; the VAE decodes each once."""
     limits = []
-    for network, tensor, per_image in ((pipe.unet, "sample", 2), (getattr(pipe.vae, "run_decode", None), "latent", 1)):
-        meta = getattr(getattr(network, "run", network), "meta", None)
-        if isinstance(meta, dict) and meta.get("profiles"):
-            limits.append(min(profile[tensor][2][0] for profile in meta["profiles"]) // per_image)
+    if isinstance(pipe.unet, exported.UNet) and (latents := pipe.unet.max_batch()) is not None:
+        limits.append(latents // 2)
+    if isinstance(pipe.vae, exported.VAE) and (latents := pipe.vae.max_decode_batch()) is not None:
+        limits.append(latents)
     return max(1, min(limits)) if limits else None
 
 
@@ -68,7 +70,7 @@ def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], b
         result = pipe.generate(first.prompt, first.negative_prompt, width=first.width, height=first.height,
                                steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
                                seed=first.seed, batch_size=first.n, image=first.image, strength=first.strength,
-                               callback=hook, limits=limits)
+                               callback=hook, limits=limits, loras=dict(first.loras))
         return [Generated(_pngs(result.images), result.seed, timing_summary(result.timings), first.n)]
     keys = {r.batch_key() for r in requests}
     if len(keys) != 1 or None in keys:
@@ -79,7 +81,7 @@ def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], b
     latents = torch.cat([pipe.initial_noise(r.seed, r.width, r.height, r.n) for r in requests])
     result = pipe.generate(prompts, negatives, width=first.width, height=first.height, steps=first.steps,
                            guidance_scale=first.guidance, scheduler=first.scheduler, seed=first.seed,
-                           latents=latents, callback=hook, limits=limits)
+                           latents=latents, callback=hook, limits=limits, loras=dict(first.loras))
     timings, pngs, out, start = timing_summary(result.timings), _pngs(result.images), [], 0
     for r in requests:
         out.append(Generated(pngs[start:start + r.n], r.seed, timings, len(prompts)))

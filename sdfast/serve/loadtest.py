@@ -31,7 +31,7 @@ BAD_REQUESTS = (
     ("/v1/txt2img", b'{"prompt": "a red circle", "height": 20000, "n": 4}'),
     ("/v1/txt2img", b'{"prompt": "a red circle", "seed": ' + b"9" * 5000 + b"}"),
     ("/v1/txt2img", b"[" * 100_000 + b"]" * 100_000),
-    ("/v1/txt2img", b'{"prompt": "\udcff"}'),
+    ("/v1/txt2img", rb'{"prompt": "\udcff"}'),  # a lone surrogate, JSON-escaped
     ("/v1/txt2img", b'{"prompt": "a red circle", "path": "/etc/passwd"}'),
     ("/v1/txt2img", b"not json"),
     ("/v1/img2img", b'{"prompt": "a red circle", "image": "aGVsbG8="}'),

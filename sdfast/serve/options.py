@@ -9,6 +9,7 @@ import ipaddress
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from .loras import listing
 from .requests import Limits
 
 API_KEY_ENV = "SDFAST_API_KEY"
@@ -29,7 +30,7 @@ class ServeOptions:
     """
 
     model: str | None = None  # a diffusers folder or single file on the server; None: the shipped default model
-    backend: str = "torch"  # torch, onnxruntime or tensorrt (sdfast.backends)
+    backend: str = "torch"  # one of sdfast.backends.BACKENDS: torch, triton, compile, onnxruntime, tensorrt
     replicas: int = 1  # pipeline replicas; each takes one GPU where the cluster has GPUs
     host: str = "127.0.0.1"  # loopback by default; any other address needs an API key
     port: int = 8000
@@ -37,13 +38,15 @@ class ServeOptions:
     gpus: str = "auto"  # "auto": one GPU per replica when the cluster has any, else CPU replicas; "0" or "1"
     cpus_per_replica: float = 1.0  # CPU replicas: cores reserved each (torch uses that many threads)
     dtype: str | None = None  # default fp16 on a GPU, fp32 on the CPU
-    max_batch: int = 4  # images per batched call; capped by the engines' profiles on compiled backends
+    max_batch: int = 4  # images per batched call; capped by the engines' profiles on tensorrt (engine_max_batch)
     batch_wait_s: float = 0.01  # how long the first request of a batch waits for batch-mates
     max_ongoing_requests: int | None = None  # per replica, in its batch queues; default 2 x max_batch
     max_queued_requests: int = 16  # waiting for a replica, per caller; beyond: 503 with Retry-After
     retry_after_s: int = 2  # the Retry-After a 503 carries
     request_timeout_s: float = 300.0  # a request unanswered by then gets a 504, never a hang
     warmup_steps: int = 2  # steps of the warm-up image each replica draws before it takes traffic
+    lora_dir: str | None = None  # a folder of .safetensors LoRAs requests may name (by file stem, never a path)
+    max_loaded_loras: int = 8  # per replica: each holds its factors and a copy of the base weights it touches
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
@@ -77,6 +80,11 @@ class ServeOptions:
         if self.max_ongoing_requests < self.max_batch:
             raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} is below max_batch="
                              f"{self.max_batch}: a replica could never fill a batch")
+        if self.max_loaded_loras < self.limits.max_loras:
+            raise ValueError(f"max_loaded_loras={self.max_loaded_loras} is below limits.max_loras="
+                             f"{self.limits.max_loras}: a request naming that many could never run")
+        if self.lora_dir is not None:
+            listing(self.lora_dir)  # a missing folder fails here, before any replica starts
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests={self.max_queued_requests}: need >= 0 (a bounded queue)")
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()

@@ -1,9 +1,14 @@
-"""What a client may ask the server for, and the limits it is held to: JSON in, a checked ``GenerationRequest`` out.
+"""What a client may ask the server for: a JSON body in, a checked ``GenerationRequest`` out.
 
-Plain Python (no Ray, no FastAPI), so the rules can be read and tested on their own. Every field is named in
-``FIELDS``; anything else is refused, so no request can name a file path, a model on disk or a pipeline option the
-server does not expose. Each rejection is a ``RequestError`` whose HTTP status (413 for an oversized body, 422 for
-everything else) and one-line message name the field, the limit and the fix.
+Plain Python (no Ray, no FastAPI), so the rules can be read and tested on their own. The fields the Python API has
+too (``steps``, ``guidance``, ``width`` / ``height``, ``seed``, ``scheduler``, ``n``, ``strength``, ``image``) go
+through its rules, ``sdfast.request.Request.check`` and ``fit``, with the server's limits as
+``sdfast.request.Limits``: each field has one rule and one message for the API, the CLI and the server, worded here
+with the JSON names (``n=5: over the limit of 4 (limits.max_images)``). What only a server has stays here: the body's
+shape (a JSON object of single values; a hostile body is a 413 or a 422, never a 500), the limits of its own
+(``max_side``, ``max_prompt_chars``, ``max_body_bytes``), base64 uploads that reach three decoders only, the one
+model it serves and ``output``. Every field is named in ``FIELDS``; anything else is refused, so no request can name
+a file path, a model on disk or a pipeline option the server does not expose.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import base64
 import binascii
 import io
 import json
-import random
 from dataclasses import dataclass
 
 from PIL import Image
 
-from ..request import MAX_SEED, to_rgb
-from ..schedulers import SCHEDULERS, STOCHASTIC_SCHEDULERS
+from .. import request as shared
+from ..request import ModelFacts, Request, read_image
+from ..schedulers import STOCHASTIC_SCHEDULERS
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the only decoders an upload reaches
 LONGEST_INT = 40  # digits (and sign) of the longest JSON integer read as a number; longer ones fail every limit
@@ -45,25 +50,24 @@ class Limits:
     max_prompt_chars: int = 2000  # CLIP reads 77 tokens (~300 characters); the rest is cut, so longer is a mistake
     max_body_bytes: int = 8 * 2**20  # the whole JSON body, base64 image included
     max_image_pixels: int = 4096 * 4096  # a decoded upload; guards against decompression bombs
+    max_loras: int = 4  # LoRAs one request may name; each merge touches most of the U-Net's weights
+
+    def request_limits(self) -> shared.Limits:
+        """The limits the shared rules (``Request.check``, ``fit``) hold one request to."""
+        return shared.Limits(max_pixels=self.max_pixels, max_images=self.max_images, max_steps=self.max_steps,
+                             max_image_pixels=self.max_image_pixels)
 
 
-# field: (type(s), default). "image" and "strength" are for img2img only.
-FIELDS = {
-    "prompt": (str, None),
-    "negative_prompt": (str, ""),
-    "steps": (int, 30),
-    "guidance": ((int, float), 7.5),
-    "width": (int, None),
-    "height": (int, None),
-    "seed": (int, None),
-    "scheduler": (str, "euler"),
-    "n": (int, 1),
-    "model": (str, None),
-    "output": (str, "json"),
-    "strength": ((int, float), 0.8),
-    "image": (str, None),
-}
+# A JSON field -> the field of ``Request.check`` it fills (None: the server's own); "image" and "strength" are for
+# img2img only. A field left out or null takes ``Request.check``'s default (negative_prompt: "").
+FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
+          "width": "width", "height": "height", "seed": "seed", "scheduler": "scheduler", "n": "batch_size",
+          "model": None, "output": None, "strength": "strength", "image": "image", "loras": "loras"}
 IMG2IMG_ONLY = ("image", "strength")
+STRINGS = ("prompt", "negative_prompt", "model", "output", "image")  # the shared rules type the other fields
+OBJECTS = ("loras",)  # the one field that holds a JSON object: {name: scale}
+# A shared rule's field as a client names it ("size": the output's, as the model fits it).
+JSON_NAMES = {field: name for name, field in FIELDS.items() if field not in (None, name)} | {"size": "width x height"}
 
 
 @dataclass(frozen=True)
@@ -83,21 +87,25 @@ class GenerationRequest:
     output: str  # "json" (base64 PNGs, seed, timings) or "png" (the bytes of one image)
     image: Image.Image | None = None  # img2img input, decoded
     strength: float = 0.8
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of LoRAs in the server's folder, sorted by name
 
     def batch_key(self) -> tuple | None:
         """Requests with equal keys can share one ``Pipeline.generate`` call and give the same pixels as alone:
-        same size, steps, scheduler and guidance (the sampler applies one scale to the batch). None: never
+        same size, steps, scheduler, guidance (the sampler applies one scale to the batch) and LoRAs at the same
+        scales (they are merged into the weights the whole batch runs through). None: never
         batched. img2img is not (``generate`` takes one input image), nor are schedulers that draw fresh noise
         at every step (a batch shares one generator, so a batched image would differ from the same seed alone)."""
         if self.image is not None or self.scheduler in STOCHASTIC_SCHEDULERS:
             return None
-        return (self.width, self.height, self.steps, self.scheduler, float(self.guidance))
+        return (self.width, self.height, self.steps, self.scheduler, float(self.guidance), self.loras)
 
 
-def parse_request(body: bytes, kind: str, limits: Limits, model_id: str, size: tuple[int, int]) -> GenerationRequest:
+def parse_request(body: bytes, kind: str, limits: Limits, model_id: str, model: ModelFacts,
+                  loras: frozenset[str] = frozenset()) -> GenerationRequest:
     """``body`` (JSON) of a ``kind`` ("txt2img" or "img2img") request, checked against ``limits``; ``model_id`` is
-    the one model this server runs (a request may name it, and nothing else), ``size`` its own (width, height),
-    which fills a side a txt2img request leaves out."""
+    the one model this server runs (a request may name it, and nothing else), ``model`` its facts
+    (``Pipeline.facts``), whose own size fills a side a txt2img request leaves out; ``loras`` the names of the
+    LoRAs the server offers (``--lora-dir``)."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"request body of {len(body)} bytes is over the limit max_body_bytes="
                                 f"{limits.max_body_bytes}: send a smaller image")
@@ -117,115 +125,85 @@ def parse_request(body: bytes, kind: str, limits: Limits, model_id: str, size: t
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise RequestError(422, f"unknown field(s) {', '.join(map(_show, unknown[:3]))}{more} for {kind}: the "
                                 f"fields are {', '.join(allowed)}")
-    values = {}
-    for name in allowed:
-        types, default = FIELDS[name]
-        value = data.get(name)
-        if value is None:  # absent or null
-            value = default
-        elif not isinstance(value, types) or isinstance(value, bool):
-            expected = types.__name__ if isinstance(types, type) else "a number"
-            shown = "" if isinstance(value, (dict, list)) else f" ({_show(value)})"
-            raise RequestError(422, f"field {name!r} must be {expected}, not {_type_name(value)}{shown}")
-        elif isinstance(value, str) and not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError as e:  # a lone surrogate ("\udcff"): not text the tokenizer can read
-                raise RequestError(422, f"field {name!r} holds {value[e.start]!r} at index {e.start}, a lone "
-                                        "surrogate that is no Unicode character: send UTF-8 text") from None
-        values[name] = value
-    return _check(values, kind, limits, model_id, size)
+    for name, value in data.items():  # the shared rules show a value in their message: a scalar, never a tree
+        if name in OBJECTS and isinstance(value, dict):
+            _check_loras(value, limits, loras)
+        elif isinstance(value, (dict, list)):
+            raise RequestError(422, f"field {name!r} holds a JSON {'object' if isinstance(value, dict) else 'array'}"
+                                    ": send a single value")
+    try:
+        return _check({name: data.get(name) for name in FIELDS}, kind, limits, model_id, model)
+    except shared.RequestError as e:
+        raise RequestError(422, e.worded(JSON_NAMES, "=")) from None
 
 
-def _check(v: dict, kind: str, limits: Limits, model_id: str, size: tuple[int, int]) -> GenerationRequest:
-    """The limits, cheapest first: an upload's pixels are decoded last, once its header's size has passed."""
-    def fail(message: str):
-        raise RequestError(422, message)
+def _check(v: dict, kind: str, limits: Limits, model_id: str, model: ModelFacts) -> GenerationRequest:
+    """The server's own rules around the shared ones (null is the same as absent); a mistake is a
+    ``sdfast.request.RequestError``, which ``parse_request`` words with the JSON names. An upload is read before
+    the shared rules run (they take the picture), bounded by ``max_body_bytes`` and, from its header,
+    ``max_image_pixels``."""
+    def fail(field: str, value, rule: str):
+        raise shared.RequestError(field, value, rule)
 
+    for name in STRINGS:
+        if v[name] is not None and not isinstance(v[name], str):
+            fail(name, v[name], "need a string")
     if not v["prompt"]:
-        fail("field 'prompt' is required: say what to draw")
+        fail("prompt", v["prompt"], "required: say what to draw")
     for name in ("prompt", "negative_prompt"):
-        if len(v[name]) > limits.max_prompt_chars:
-            fail(f"{name} of {len(v[name])} characters is over the limit max_prompt_chars={limits.max_prompt_chars}"
-                 " (CLIP reads the first 77 tokens): shorten it")
+        if v[name] is not None and len(v[name]) > limits.max_prompt_chars:
+            fail(name, v[name], f"{len(v[name])} characters is over the limit of {limits.max_prompt_chars} "
+                                "(limits.max_prompt_chars; CLIP reads the first 77 tokens): shorten it")
     if v["model"] is not None and v["model"] != model_id:
-        fail(f"model {_show(v['model'])} is not served here: this server runs {model_id!r} (GET /v1/models)")
-    if not 1 <= v["steps"] <= limits.max_steps:
-        fail(f"steps={v['steps']} is outside 1..{limits.max_steps} (limit max_steps)")
-    if not 1 <= v["n"] <= limits.max_images:
-        fail(f"n={v['n']} images is outside 1..{limits.max_images} (limit max_images)")
-    if not -1e3 <= v["guidance"] <= 1e3:
-        fail(f"guidance={v['guidance']} is outside [-1000, 1000]: use e.g. 7.5 (<= 1 turns guidance off)")
-    for name in ("width", "height"):
-        if v[name] is not None and (v[name] <= 0 or v[name] % 8):
-            fail(f"{name}={v[name]} is not a positive multiple of 8")
+        fail("model", v["model"], f"not served here: this server runs {model_id!r} (GET /v1/models)")
+    output = v["output"] or "json"
+    if output not in ("json", "png"):
+        fail("output", output, "use 'json' (base64 images, seed, timings) or 'png' (one image's bytes)")
+    fields = {FIELDS[name]: value for name, value in v.items()
+              if value is not None and FIELDS[name] not in (None, "prompt", "negative_prompt", "image")}
+    image = None if v["image"] is None else _upload(v["image"], limits)
+    request = Request.check(v["prompt"], v["negative_prompt"] or "", image=image, limits=limits.request_limits(),
+                            **fields)
+    if kind == "img2img" and image is None:
+        fail("image", None, "required for img2img: the input picture as base64 (PNG, JPEG or WebP bytes)")
+    if output == "png" and request.batch_size != 1:
+        fail("output", output, f"returns one image but n={request.batch_size}: ask for output='json' to get several")
+    for name in ("width", "height"):  # before fit, so that a strip is refused for its side, not its pixels
         if v[name] is not None and v[name] > limits.max_side:
-            fail(f"{name}={v[name]} is over the limit max_side={limits.max_side}: ask for a smaller size")
-    if v["scheduler"] not in SCHEDULERS:
-        fail(f"unknown scheduler {_show(v['scheduler'])}; choose one of {', '.join(sorted(SCHEDULERS))}")
-    if v["output"] not in ("json", "png"):
-        fail(f"output={_show(v['output'])}: use 'json' (base64 images, seed, timings) or 'png' (one image's bytes)")
-    if v["output"] == "png" and v["n"] != 1:
-        fail(f"output='png' returns one image but n={v['n']}: ask for output='json' to get several")
-    seed = v["seed"] if v["seed"] is not None else random.randrange(MAX_SEED + 1)
-    if not 0 <= seed <= MAX_SEED:  # sdfast.request.MAX_SEED says why: larger seeds repeat smaller ones' pictures
-        fail(f"seed={seed} is outside 0..{MAX_SEED} (2**32 - 1): send a non-negative integer below 2**32, or none "
-             "for a drawn one")
-    image, strength = None, 0.8
-    if kind == "img2img":
-        if v["image"] is None:
-            fail("field 'image' is required for img2img: the input picture as base64 (PNG, JPEG or WebP bytes)")
-        if not 0.0 <= v["strength"] <= 1.0:
-            fail(f"strength={v['strength']} is outside [0, 1]")
-        strength = float(v["strength"])
-        image = _open_image(v["image"], limits)
-        origin = "the input's size"  # img2img keeps it unless told otherwise
-        width, height = v["width"] or image.width // 8 * 8, v["height"] or image.height // 8 * 8
-    else:
-        origin = "the model's own size"
-        width, height = v["width"] or size[0], v["height"] or size[1]
-    filled = " and ".join(name for name in ("width", "height") if v[name] is None)
-    shape = f"{width}x{height}" + (f" ({filled}: {origin})" if filled else "")
-    if min(width, height) < 8:
-        fail(f"output {shape} has a side under 8 pixels: pass width and height, or send a larger image")
-    if max(width, height) > limits.max_side:
-        fail(f"output {shape} has a side over the limit max_side={limits.max_side}: pass a smaller width and height")
-    if width * height > limits.max_pixels:
-        fail(f"{shape} is {width * height} pixels, over the limit max_pixels={limits.max_pixels}: ask for a smaller "
-             "size")
-    if image is not None:
-        image = _rgb(image)
-    return GenerationRequest(v["prompt"], v["negative_prompt"], v["steps"], float(v["guidance"]), width, height,
-                             seed, v["scheduler"], v["n"], v["output"], image, strength)
+            fail(name, v[name], f"over the limit of {limits.max_side} (limits.max_side): ask for a smaller size")
+    request = request.fit(model)
+    if max(request.width, request.height) > limits.max_side:  # a side the model or the input image filled in
+        fail("size", f"{request.width}x{request.height}", f"a side is over the limit of {limits.max_side} "
+                                                          "(limits.max_side): pass a smaller width and height")
+    return GenerationRequest(request.prompts[0], request.negative_prompts[0], request.steps, request.guidance_scale,
+                             request.width, request.height, request.seed, request.scheduler, request.batch_size,
+                             output, request.image, request.strength, tuple(sorted((request.loras or {}).items())))
 
 
-def _open_image(text: str, limits: Limits) -> Image.Image:
-    """base64 -> an opened picture: its header is read and its size checked, none of its pixels decoded."""
+def _check_loras(value: dict, limits: Limits, offered: frozenset[str]) -> None:
+    """``loras``: at most ``max_loras`` names of LoRAs this server offers, each with a scalar scale (its range is
+    the shared rule's)."""
+    if len(value) > limits.max_loras:
+        raise RequestError(422, f"loras names {len(value)} LoRAs, over the limit of {limits.max_loras} "
+                                "(limits.max_loras): use fewer")
+    for name, scale in value.items():
+        if name not in offered:
+            shown = ", ".join(map(repr, sorted(offered)[:8])) or "none (the server was started without --lora-dir)"
+            raise RequestError(422, f"loras: no LoRA named {_show(name)} on this server; it offers {shown} "
+                                    "(GET /v1/models lists them)")
+        if isinstance(scale, (dict, list)):
+            raise RequestError(422, f"loras: the scale of {_show(name)} holds a JSON "
+                                    f"{'object' if isinstance(scale, dict) else 'array'}: send a number")
+
+
+def _upload(text: str, limits: Limits) -> Image.Image:
+    """base64 -> a picture read by the shared rule (its size checked from the header before it is decoded), with
+    only the PNG, JPEG and WebP decoders in reach of a client's bytes."""
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(422, "field 'image' is not valid base64: send the file's bytes base64-encoded") from None
-    try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(422, "field 'image' declares a size Pillow calls a decompression bomb, far over the "
-                                f"limit max_image_pixels={limits.max_image_pixels}: downscale it first") from None
-    except Exception:  # Pillow's parsers raise many kinds of error on hostile bytes; each is the client's mistake
-        raise RequestError(422, "field 'image' is not a PNG, JPEG or WebP image (cannot identify it): send one of "
-                                "those, base64-encoded") from None
-    if img.width * img.height > limits.max_image_pixels:
-        raise RequestError(422, f"input image {img.width}x{img.height} is over the limit max_image_pixels="
-                                f"{limits.max_image_pixels}: downscale it first")
-    return img
-
-
-def _rgb(img: Image.Image) -> Image.Image:
-    """The picture as 8-bit RGB (``sdfast.request.to_rgb``), decoded now that its header has passed."""
-    try:
-        return to_rgb(img)
-    except Exception:  # a truncated or corrupt body behind a valid header: Pillow's decoders raise many kinds
-        raise RequestError(422, "field 'image' does not decode (truncated or corrupt): send an intact PNG, JPEG or "
-                                "WebP image") from None
+        raise shared.RequestError("image", text, "not valid base64: send the file's bytes base64-encoded") from None
+    return read_image(io.BytesIO(data), limits.request_limits(), formats=IMAGE_FORMATS)
 
 
 def _parse_int(text: str) -> int:
@@ -249,11 +227,8 @@ class _LongInt(int):
     __repr__ = __str__
 
 
-def _type_name(value) -> str:
-    return "int" if isinstance(value, _LongInt) else type(value).__name__
-
-
 def _show(value) -> str:
-    """A client's scalar as a message shows it: one line (``repr`` escapes newlines and lone surrogates), shortened."""
+    """A client's field name as a message shows it: one line (``repr`` escapes newlines and lone surrogates),
+    shortened."""
     text = repr(value)
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 10]}...({len(text)} characters)"

@@ -22,7 +22,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..interpolate import interpolate, strip
-from ..pipeline import Pipeline, load
+from ..loading import load
+from ..pipeline import Pipeline
 from .checker import check, prompt_attributes
 from .dataset import COLOURS, SHAPES, held_out_prompts
 

@@ -20,8 +20,10 @@ Weights are written in fp16 (safetensors).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +33,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ..files import write_atomically
 from ..models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
-from ..schedulers import make_scheduler
+from ..schedulers import SD_SCHEDULE, make_scheduler
 from ..tokenizer import Tokenizer, write_clip_tokenizer
 from .dataset import ALL_SCENES, make_dataset
 
+VOCABULARY = "vocabulary.json"  # the words the model was trained on, beside model_index.json
 DIFFUSERS_VERSION = "0.42.1"  # the version whose config format these files follow
 
 VAE_CONFIG = {
@@ -66,11 +70,9 @@ TEXT_CONFIG = {  # transformers' CLIPTextConfig; width 32 keeps the 49408-token 
     "projection_dim": 32, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
     "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,  # SD 1.x's legacy ids: pool at the highest id
 }
-SCHEDULER_CONFIG = {  # SD 1.5's noise schedule; Euler is sdfast's default sampler, so diffusers gets it too
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
-    "interpolation_type": "linear", "use_karras_sigmas": False, "trained_betas": None,
+SCHEDULER_CONFIG = {  # SD's noise schedule; Euler is sdfast's default sampler, so diffusers gets it too
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION, **SD_SCHEDULE,
+    "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False, "trained_betas": None,
 }
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
@@ -203,8 +205,7 @@ def _save_weights(module: torch.nn.Module, path: Path, prefix: str = "") -> None
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_folder(out: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet) -> None:
@@ -220,6 +221,15 @@ def write_folder(out: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, une
     _save_weights(text_encoder, out / "text_encoder" / "model.safetensors", prefix="text_model.")
     write_clip_tokenizer(out / "tokenizer")
     _write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    _write_json(out / VOCABULARY, {"words": vocabulary()})
+
+
+def vocabulary() -> list[str]:
+    """Every word of every caption wording of the shapes world: what the model was trained on (sdfast.load reads
+    it back from the folder to warn about prompts outside it)."""
+    wordings = list(itertools.product((False, True), repeat=3))  # size, position, background said or not
+    return sorted({word for scene in ALL_SCENES for said in wordings
+                   for word in re.findall(r"[a-z]+", scene.caption(*said).lower())})
 
 
 def main(argv: list[str] | None = None) -> None:

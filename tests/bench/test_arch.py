@@ -106,7 +106,7 @@ def test_tiny_sdxl_model_loads_as_the_same_weights_in_sdfast_and_diffusers(tmp_p
     folder = random_model("tiny-sdxl", tmp_path)
     ours = sdfast.load(folder)
     theirs = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32, add_watermarker=False)
-    assert ours.is_xl and ours.options["force_zeros_for_empty_prompt"]
+    assert ours.is_xl and ours.xl_options["force_zeros_for_empty_prompt"]
     assert isinstance(theirs.scheduler, EulerDiscreteScheduler) and theirs.vae.config.scaling_factor == 0.13025
     x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64), torch.tensor(500.0)
     pooled, time_ids = torch.randn(2, 16), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)

@@ -18,7 +18,7 @@ from sdfast.cli import main
 from sdfast.models import UNetConfig
 
 SETTINGS = Settings(backends=("torch", "tensorrt", "no-such-backend"), batches=(1, 2), steps=3, device="cpu",
-                    dtype="fp32", warmup=1, repeat=2)
+                    dtype="fp32", warmup=1, repeat=2, lora_rank=4)
 PEAK = Peak("test", 0.5, "a made-up peak, to check the fraction")
 
 
@@ -60,6 +60,17 @@ def test_rows_hold_consistent_measurements(result, sd1):
             assert row["fraction_of_peak"] == pytest.approx(row["unet_tflops"] / PEAK.tflops)
             base = _row(result, "diffusers", batch)["latency_ms"]
             assert row["speedup"] == pytest.approx({k: base[k]["p50"] / lat[k]["p50"] for k in ("step", "end_to_end")})
+
+
+def test_lora_swap_is_timed_per_loaded_backend(result, sd1):
+    """--lora-rank: each backend that loaded times a random LoRA of that rank; the pipeline is left without it."""
+    rows = [r for r in result["rows"] if r["backend"] == "torch"]
+    swap = rows[0]["lora_swap"]
+    assert all(r["lora_swap"] == swap for r in rows)
+    assert swap["rank"] == 4 and swap["modules"] > 0 and swap["lora_mb"] > 0
+    assert all(swap[k] > 0 for k in ("add_ms", "on_ms", "off_ms", "rescale_ms"))
+    assert not any("lora_swap" in r for r in result["rows"] if r["backend"] in ("diffusers", "tensorrt"))
+    assert "## LoRA swap" in report.markdown(result)
 
 
 def test_backends_that_cannot_run_are_skipped_with_the_reason(result):

@@ -42,6 +42,8 @@ def test_build_then_build_again_hits_the_cache(sd1_onnx, capsys):
     (["build", "/nonexistent"], "export folder /nonexistent does not exist"),
     (["build", "{model}"], "has no manifest.json: not a folder written by `sdfast export`"),
     (["build", "{export}", "--sizes", "100x100"], "size '100x100': widths and heights must be positive multiples"),
+    (["build", "{export}", "--networks", "unet", "clip"],
+     "has no clip graph (exported: text_encoder, unet, vae_decoder, vae_encoder): name those"),
     (["generate", "a cat", "--model", "{export}"], "is an ONNX export (no torch weights)"),
     (["generate", "a cat", "--model", "{model}", "--backend", "tvm"], "unknown backend 'tvm'"),
 ])

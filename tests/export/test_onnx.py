@@ -11,6 +11,7 @@ from conftest import rel_err
 
 onnx = pytest.importorskip("onnx", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 
+from sdfast.export import graphs  # noqa: E402
 from sdfast.export import onnx as export  # noqa: E402
 from sdfast.models.layers import GroupNorm  # noqa: E402
 
@@ -21,7 +22,7 @@ def test_every_network_matches_torch(sd1_onnx):
     """The export checks each graph against the torch model (batch 3, a 16x24 latent, two prompt chunks: none of
     them the export example's) and records the errors; all four are far inside 1e-4."""
     manifest = export.read_manifest(sd1_onnx.folder)
-    assert sorted(manifest["networks"]) == sorted(export.pipeline_networks(sd1_onnx.torch))
+    assert sorted(manifest["networks"]) == sorted(graphs.pipeline_networks(sd1_onnx.torch))
     assert sorted(manifest["networks"]) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     for name, net in manifest["networks"].items():
         assert net["check"]["provider"] == "CPUExecutionProvider"
@@ -32,10 +33,10 @@ def test_every_network_matches_torch(sd1_onnx):
 @pytest.mark.parametrize("batch,latent,tokens", [(1, (8, 8), 77), (4, (12, 16), 231)])
 def test_dynamic_axes(sd1_onnx, batch, latent, tokens):
     """Two batch sizes, two image sizes (one not square), two context lengths, on every graph."""
-    specs = {spec.name: spec for spec in export.graph_specs(sd1_onnx.torch)}
+    specs = {spec.name: spec for spec in graphs.graph_specs(sd1_onnx.torch)}
     for name, spec in specs.items():
         inputs = spec.example(batch, latent, tokens, seed=batch)
-        report = export.check(spec, sd1_onnx.folder / f"{name}.onnx", "fp32", inputs)
+        report = export.check(spec, sd1_onnx.folder / f"{name}.onnx", inputs)
         assert max(report["rel_err"].values()) < FP32_TOL, name
 
 
@@ -116,10 +117,10 @@ def test_fp16_graphs(sd2_fp16_onnx):
 
 def test_a_wrong_graph_is_caught(sd1_onnx):
     """The parity check fails loudly when the graph and the module disagree."""
-    spec = next(s for s in export.graph_specs(sd1_onnx.torch) if s.name == "vae_decoder")
-    spec.module = export.VAEDecoderGraph(type(sd1_onnx.torch.vae)(sd1_onnx.torch.vae.config))  # other weights
+    spec = next(s for s in graphs.graph_specs(sd1_onnx.torch) if s.name == "vae_decoder")
+    spec.module = graphs.VAEDecoderGraph(type(sd1_onnx.torch.vae)(sd1_onnx.torch.vae.config))  # other weights
     with pytest.raises(export.ExportError, match=r"vae_decoder.onnx does not match the torch model"):
-        export.check(spec, sd1_onnx.folder / "vae_decoder.onnx", "fp32")
+        export.check(spec, sd1_onnx.folder / "vae_decoder.onnx")
 
 
 def test_bad_requests_are_clear_errors(sd1_onnx, tmp_path):

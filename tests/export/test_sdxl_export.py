@@ -16,6 +16,7 @@ pytest.importorskip("onnx", reason='the onnx extra is not installed: pip install
 pytest.importorskip("onnxruntime", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 
 from sdfast.backends import exported  # noqa: E402
+from sdfast.export import graphs  # noqa: E402
 from sdfast.export import onnx as export  # noqa: E402
 from sdfast.export import tensorrt as trt  # noqa: E402
 
@@ -52,7 +53,7 @@ def test_manifest_and_graphs(sdxl_onnx, ort):
     that the wrappers refuse to pass off as normalised ones; the second tokenizer and the pipeline options."""
     folder, pipe = sdxl_onnx.folder, sdxl_onnx.torch
     manifest = export.read_manifest(folder)
-    assert sorted(manifest["networks"]) == sorted(export.NETWORKS)
+    assert sorted(manifest["networks"]) == sorted(graphs.NETWORKS)
     for name, net in manifest["networks"].items():
         assert all(err < LATENT_TOL for err in net["check"]["rel_err"].values()), (name, net["check"])
     assert manifest["networks"]["unet"]["inputs"] == [
@@ -64,7 +65,7 @@ def test_manifest_and_graphs(sdxl_onnx, ort):
     assert manifest["text_final_norm"] is False and manifest["options"]["force_zeros_for_empty_prompt"] is True
     assert manifest["configs"]["text_encoder_2"]["projection_dim"] == 24
     assert (folder / manifest["tokenizer_2"] / "tokenizer.json").is_file()
-    assert ort.is_xl and ort.options == pipe.options and ort.tokenizer_2.pad_id == pipe.tokenizer_2.pad_id
+    assert ort.is_xl and ort.xl_options == pipe.xl_options and ort.tokenizer_2.pad_id == pipe.tokenizer_2.pad_id
     ids = pipe.tokenizer_2.encode(["a cat", "a dog on a hill"])[:, 0]  # (2, 77)
     for clip_skip in (1, 2):  # SDXL's own layer and one deeper: raw states, projected pooled output
         got, want = ort.text_encoder_2(ids, clip_skip, final_norm=False), pipe.text_encoder_2(ids, clip_skip,
@@ -95,7 +96,7 @@ def test_refiner_equals_torch(sdxl_refiner, tmp_path):
     manifest = json.loads(next(tmp_path.glob("*/manifest.json")).read_text())
     assert sorted(manifest["networks"]) == ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
     assert "tokenizer" not in manifest and manifest["networks"]["unet"]["inputs"][-1]["shape"] == ["batch", 5]
-    assert pipe.text_encoder is None and pipe.options["requires_aesthetics_score"] is True
+    assert pipe.text_encoder is None and pipe.xl_options["requires_aesthetics_score"] is True
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     kwargs = dict(latents=latents, denoising_start=0.5, steps=4, seed=2, aesthetic_score=7.0)
     _same(pipe.generate(PROMPT, **kwargs), torch_pipe.generate(PROMPT, **kwargs))

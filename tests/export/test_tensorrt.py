@@ -59,6 +59,25 @@ def test_engines_have_the_graphs_io_and_the_asked_profiles(sd1_onnx, engines):
     assert engines["vae_encoder"].meta["profiles"][1]["image"] == [[1, 3, 64, 64], [1, 3, 64, 64], [2, 3, 96, 128]]
 
 
+def test_the_weights_loras_write_are_built_refittable_where_a_gpu_is(sd1_onnx, engines):
+    """With a GPU, the text encoder's and U-Net's LoRA-patchable weights (the manifest's map) are marked refittable,
+    so a LoRA is a refit, never a rebuild. TensorRT-RTX cannot build refittable engines without one (its JIT needs
+    CUDA): there the engines have none, and a LoRA is refused naming the fix."""
+    from sdfast.backends.tensorrt import EngineSet
+
+    manifest = json.loads((sd1_onnx.folder / "manifest.json").read_text())
+    for name in ("text_encoder", "unet"):
+        located = sorted({init for init, _, _ in manifest["networks"][name]["weights"].values()})
+        expected = located if torch.cuda.is_available() else []
+        assert located and engines[name].meta["key_fields"]["refit"] == expected
+        assert engines[name].meta["refittable"] == len(expected)
+    assert engines["vae_decoder"].meta["refittable"] == 0
+    if not torch.cuda.is_available():
+        unet = EngineSet(trt.find_engines(sd1_onnx.folder, "unet"), None, sd1_onnx.folder / "unet.onnx")
+        with pytest.raises(trt.EngineError, match="built without refittable weights .* rebuild it on the GPU"):
+            unet.set_initializers({"x": None})
+
+
 def test_second_build_loads_from_the_cache(sd1_onnx, engines):
     mtimes = {name: e.path.stat().st_mtime_ns for name, e in engines.items()}
     again = trt.build_engines(sd1_onnx.folder, SHAPES, log=print)
@@ -216,3 +235,32 @@ def test_tensorrt_backend_matches_torch(sd1_onnx, engines, kwargs):
     assert rel_err(result.latents.cpu(), expected.latents) < 1e-2
     with pytest.raises(trt.EngineError, match="outside the engine's profiles"):
         pipe.generate("a red circle", steps=1, width=256, height=256)
+
+
+@pytest.mark.gpu(reason="refitting an engine needs a CUDA GPU")
+def test_a_lora_is_refitted_into_the_engines_not_rebuilt(sd1, sd1_onnx, engines, tmp_path):
+    """A LoRA on the tensorrt backend refits the engines' weights in place (no new engine file) and gives the torch
+    backend's latents with the same LoRA; unloading refits the graph's own weights back."""
+    import sys
+    from pathlib import Path
+
+    import sdfast
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "lora"))
+    from lora_files import TEXT_TARGETS, UNET_TARGETS, random_lora, targets, write_kohya
+
+    file = write_kohya(tmp_path / "a.safetensors",
+                       {"lora_unet": random_lora(targets(sd1.pipe.unet, UNET_TARGETS), 4, 1),
+                        "lora_te": random_lora(targets(sd1.pipe.text_encoder, TEXT_TARGETS), 4, 2)}, alpha=4.0)
+    files = sorted((sd1_onnx.folder / "engines").iterdir())
+    pipe = sdfast.load(sd1_onnx.folder, backend="tensorrt", device="cuda")
+    base = pipe.generate("a red circle", steps=4, seed=3, width=64, height=64).latents.cpu()
+    pipe.loras.load(file)
+    got = pipe.generate("a red circle", steps=4, seed=3, width=64, height=64).latents.cpu()
+    reference = sdfast.load(sd1.path)
+    reference.loras.load(file)
+    want = reference.generate("a red circle", steps=4, seed=3, width=64, height=64).latents
+    assert rel_err(got, want) < 1e-2 and rel_err(base, want) > 0.05
+    pipe.loras.unload()
+    assert rel_err(pipe.generate("a red circle", steps=4, seed=3, width=64, height=64).latents.cpu(), base) < 1e-4
+    assert sorted((sd1_onnx.folder / "engines").iterdir()) == files

@@ -93,15 +93,17 @@ def test_models_and_health(client):
 
 
 @pytest.mark.parametrize("body,status,message", [
-    ({"prompt": "x", "steps": 151}, 422, "steps=151 is outside 1..150 (limit max_steps)"),
-    ({"prompt": "x", "width": 2048, "height": 2048}, 422, "over the limit max_pixels"),
-    ({"prompt": "x", "n": 5}, 422, "limit max_images"),
-    ({"prompt": "x" * 2001}, 422, "limit max_prompt_chars=2000"),
-    ({"prompt": "x", "model": "/models/sd15.safetensors"}, 422, "is not served here"),
+    ({"prompt": "x", "steps": 151}, 422, "steps=151: over the limit of 150 (limits.max_steps)"),
+    ({"prompt": "x", "width": 2048, "height": 2048}, 422, "width x height='2048x2048': 4.0 Mpx is over the limit of "
+                                                          "1.0 Mpx per image (limits.max_pixels)"),
+    ({"prompt": "x", "n": 5}, 422, "n=5: over the limit of 4 (limits.max_images)"),
+    ({"prompt": "x" * 2001}, 422, "2001 characters is over the limit of 2000 (limits.max_prompt_chars"),
+    ({"prompt": "x", "model": "/models/sd15.safetensors"}, 422, "model='/models/sd15.safetensors': not served here"),
     ({"prompt": "x", "image": "AAAA"}, 422, "unknown field(s) 'image' for txt2img"),
-    ({"prompt": "x", "scheduler": "nope"}, 422, "unknown scheduler"),
-    ({"prompt": "a red circle", "height": 20000, "steps": 1, "n": 4}, 422, "height=20000 is over the limit max_side"),
-    ({"prompt": "x", "seed": 2**64}, 422, "seed=18446744073709551616 is outside 0..4294967295 (2**32 - 1)"),
+    ({"prompt": "x", "scheduler": "nope"}, 422, "scheduler='nope': unknown; choose one of"),
+    ({"prompt": "a red circle", "height": 20000, "steps": 1, "n": 4}, 422,
+     "height=20000: over the limit of 4096 (limits.max_side)"),
+    ({"prompt": "x", "seed": 2**64}, 422, "seed=18446744073709551616: over 4294967295: seeds run 0 .. 2**32 - 1"),
 ])
 def test_bad_input_gets_its_status_and_names_the_limit(client, body, status, message):
     r = client.post("/v1/txt2img", json=body)

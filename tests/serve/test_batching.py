@@ -73,6 +73,31 @@ def test_sizes_and_batch_caps_of_the_torch_backend(pipe):
     assert engine_max_batch(pipe) is None  # eager torch takes any batch
 
 
+def test_engines_cap_the_batch_by_their_profiles():
+    """TensorRT engines fix the batch in their optimisation profiles: a call holds as many images as every profile
+    of the U-Net (two latents per image under guidance) and of the VAE decoder admits; ONNX Runtime takes any."""
+    from types import SimpleNamespace
+
+    from sdfast.backends import exported
+    from sdfast.backends.onnxruntime import Session
+    from sdfast.backends.tensorrt import EngineSet
+    from sdfast.models import UNetConfig, VAEConfig
+
+    def engines(name, *max_rows):  # one engine per profile, each admitting 1..rows rows
+        return EngineSet([SimpleNamespace(meta={"profiles": [{name: [[1, 4, 8, 8], [1, 4, 8, 8], [rows, 4, 8, 8]]}]})
+                          for rows in max_rows], device=None, onnx_file=None)
+
+    def pipe_on(unet_run, decode_run):
+        return SimpleNamespace(unet=exported.UNet(unet_run, UNetConfig()),
+                               vae=exported.VAE(None, decode_run, VAEConfig()))
+
+    assert engine_max_batch(pipe_on(engines("sample", 16, 8), engines("latent", 8))) == 4
+    assert engine_max_batch(pipe_on(engines("sample", 16), engines("latent", 3))) == 3
+    assert engine_max_batch(pipe_on(engines("sample", 1), engines("latent", 1))) == 1  # never 0
+    any_batch = Session.__new__(Session)  # a graph with a dynamic batch axis
+    assert engine_max_batch(pipe_on(any_batch, any_batch)) is None
+
+
 def test_a_batch_larger_than_the_pipelines_default_limit_runs():
     """A server with --max-batch 32 calls generate with room for 32 images (the pipeline's own default is 16)."""
     from sdfast.serve.batching import pipeline_limits

@@ -53,7 +53,10 @@ class Pipeline:
             await asyncio.sleep(info_seconds)
             if info_error is not None:
                 raise info_error
-            return {"width": size[0], "height": size[1], "max_batch": 4, "device": "cpu", "dtype": "float32"}
+            facts = {"vae_scale_factor": 8, "default_size": size[0], "latent_channels": 4, "clip_layers": 12,
+                     "is_xl": False, "aesthetic": False}  # as a replica reports Pipeline.facts
+            return {"width": size[0], "height": size[1], "max_batch": 4, "device": "cpu", "dtype": "float32",
+                    "facts": facts, "loras": []}
 
         async def generate(request, deadline):
             await asyncio.sleep(seconds)
@@ -116,9 +119,9 @@ def test_a_missing_side_is_the_models_own_and_both_are_checked_before_generating
     pipeline = Pipeline(size=(512, 512))
     client = serve_front(pipeline)
     r = client.post("/v1/txt2img", json={"prompt": "a red circle", "height": 20000, "steps": 1, "n": 4}, headers=AUTH)
-    assert "height=20000 is over the limit max_side=4096" in error_of(r, 422)
+    assert "height=20000: over the limit of 4096 (limits.max_side)" in error_of(r, 422)
     r = client.post("/v1/txt2img", json={"prompt": "a red circle", "width": 4096}, headers=AUTH)
-    assert "4096x512 (height: the model's own size) is 2097152 pixels, over the limit max_pixels" in error_of(r, 422)
+    assert "width x height='4096x512': 2.0 Mpx is over the limit of 1.0 Mpx per image" in error_of(r, 422)
     assert pipeline.generate.calls == []
     r = client.post("/v1/txt2img", json={"prompt": "a red circle", "height": 256, "seed": 3}, headers=AUTH)
     assert r.status_code == 200 and r.json()["seed"] == 3, r.text
@@ -128,13 +131,13 @@ def test_a_missing_side_is_the_models_own_and_both_are_checked_before_generating
 
 @pytest.mark.parametrize("body,message", [
     (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}",
-     "seed=999999999999...(5000 digits) is outside 0..4294967295 (2**32 - 1)"),
+     "seed=999999999999...(5000 digits): over 4294967295: seeds run 0 .. 2**32 - 1"),
     (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested too deep"),
-    (b'{"prompt": "\\udcff"}', "field 'prompt' holds '\\udcff' at index 0, a lone surrogate"),
-    (b'{"prompt": "x", "image": "' + bomb().encode() + b'"}', "decompression bomb, far over the limit "
-                                                              "max_image_pixels=16777216"),
+    (b'{"prompt": "\\udcff"}', "prompt='\\udcff': holds a character that is not Unicode text (a lone surrogate"),
+    (b'{"prompt": "x", "image": "' + bomb().encode() + b'"}', "image='the image': cannot read it: Image size "
+                                                              "(400000000 pixels) exceeds limit"),
     (b'{"prompt": "x", "image": "' + base64.b64encode(b"hello, world") + b'"}',
-     "field 'image' is not a PNG, JPEG or WebP image (cannot identify it)"),
+     "image='the image': cannot read it: not a PNG/JPEG/WEBP picture"),
 ], ids=["seed", "nesting", "surrogate", "bomb", "not-an-image"])
 def test_hostile_bodies_are_json_422s(serve_front, body, message):
     pipeline = Pipeline()

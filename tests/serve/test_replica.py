@@ -43,12 +43,14 @@ class SlowPipe:
 def replica(pipe, max_batch=1):
     from sdfast.serve.app import PipelineReplica
     from sdfast.serve.batching import pipeline_limits
+    from sdfast.serve.loras import LoRACache
     from sdfast.serve.requests import Limits
 
     r = PipelineReplica.__new__(PipelineReplica)  # without __init__: no model to load, no Ray replica context
     r.pipe, r.size, r.max_batch, r.batch_wait_s, r.queues = pipe, (64, 64), max_batch, 0.0, {}
     r.device, r.where = ThreadPoolExecutor(1), {"replica": "r", "node": "n"}
     r.limits = pipeline_limits(Limits(), max_batch)
+    r.loras = LoRACache(pipe, {}, capacity=1)  # no --lora-dir
     return r
 
 

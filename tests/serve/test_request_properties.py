@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdfast.request import ModelFacts
 from sdfast.schedulers import SCHEDULERS
 from sdfast.serve.requests import FIELDS, GenerationRequest, Limits, RequestError, parse_request
 
@@ -19,7 +20,8 @@ st = hypothesis.strategies
 
 LIMITS = Limits(max_pixels=256 * 256, max_side=512, max_steps=50, max_images=4, max_prompt_chars=200,
                 max_body_bytes=64 * 1024, max_image_pixels=512 * 512)
-SIZE = (64, 64)  # the model's own
+MODEL = ModelFacts(vae_scale_factor=8, default_size=64, latent_channels=4, clip_layers=12, is_xl=False,
+                   aesthetic=False)  # its own size: 64x64
 
 
 def _b64(img: Image.Image, **save) -> str:
@@ -107,7 +109,7 @@ def bodies(draw, kind: str) -> bytes:
 def test_any_body_is_a_checked_request_or_a_clean_refusal(kind_and_body):
     kind, body = kind_and_body
     try:
-        req = parse_request(body, kind, LIMITS, "tiny", SIZE)
+        req = parse_request(body, kind, LIMITS, "tiny", MODEL)
     except RequestError as e:
         message = str(e)
         assert e.status in (413, 422), (e.status, message)

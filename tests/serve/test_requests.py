@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from sdfast.cli import main
+from sdfast.request import ModelFacts
 from sdfast.serve.loadtest import run_load
 from sdfast.serve.options import ServeOptions
 from sdfast.serve.requests import Limits, RequestError, parse_request
@@ -27,13 +28,19 @@ def png_b64(size=(64, 64)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def parse(kind="txt2img", size=(64, 64), **fields):
-    return parse_request(json.dumps(fields).encode(), kind, LIMITS, "tiny", size)
+def model(side=64) -> ModelFacts:
+    """An SD 1.x model drawing ``side`` x ``side`` by default, as a replica reports it (``Pipeline.facts``)."""
+    return ModelFacts(vae_scale_factor=8, default_size=side, latent_channels=4, clip_layers=12, is_xl=False,
+                      aesthetic=False)
 
 
-def refusal(body: bytes, kind="txt2img", limits=LIMITS, size=(64, 64)) -> RequestError:
+def parse(kind="txt2img", side=64, **fields):
+    return parse_request(json.dumps(fields).encode(), kind, LIMITS, "tiny", model(side))
+
+
+def refusal(body: bytes, kind="txt2img", limits=LIMITS, side=64) -> RequestError:
     with pytest.raises(RequestError) as e:
-        parse_request(body, kind, limits, "tiny", size)
+        parse_request(body, kind, limits, "tiny", model(side))
     message = str(e.value)
     assert "\n" not in message and " object at 0x" not in message and len(message) < 300, message
     return e.value
@@ -56,25 +63,31 @@ def test_batch_key_groups_only_what_one_call_can_hold():
     assert parse("img2img", image=png_b64(), **base).batch_key() is None
 
 
-@pytest.mark.parametrize("fields,status,message", [
-    ({"prompt": "x", "steps": 51}, 422, "steps=51 is outside 1..50 (limit max_steps)"),
-    ({"prompt": "x", "n": 3}, 422, "n=3 images is outside 1..2 (limit max_images)"),
-    ({"prompt": "x", "width": 256, "height": 256}, 422, "over the limit max_pixels=16384"),
-    ({"prompt": "x" * 41}, 422, "prompt of 41 characters is over the limit max_prompt_chars=40"),
-    ({"prompt": "x", "negative_prompt": "y" * 41}, 422, "negative_prompt of 41 characters"),
+@pytest.mark.parametrize("fields,status,message", [  # the shared rules' texts (sdfast.request), in JSON names
+    ({"prompt": "x", "steps": 51}, 422, "steps=51: over the limit of 50 (limits.max_steps)"),
+    ({"prompt": "x", "n": 3}, 422, "n=3: over the limit of 2 (limits.max_images)"),
+    ({"prompt": "x", "width": 256, "height": 256}, 422, "width x height='256x256': 0.1 Mpx is over the limit of "
+                                                        "0.0 Mpx per image (limits.max_pixels)"),
+    ({"prompt": "x" * 41}, 422, "prompt='xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx': 41 characters is over the "
+                                "limit of 40 (limits.max_prompt_chars"),
+    ({"prompt": "x", "negative_prompt": "y" * 41}, 422, "negative_prompt='yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy': "
+                                                        "41 characters"),
     ({"prompt": "x" * 30, "negative_prompt": "y" * 4000}, 413, "over the limit max_body_bytes=4000"),
-    ({"prompt": "x", "width": 60}, 422, "width=60 is not a positive multiple of 8"),
-    ({"prompt": "x", "scheduler": "nope"}, 422, "unknown scheduler 'nope'"),
-    ({"prompt": "x", "steps": "4"}, 422, "field 'steps' must be int, not str"),
-    ({"prompt": "x", "steps": True}, 422, "field 'steps' must be int, not bool"),
-    ({"steps": 4}, 422, "field 'prompt' is required"),
-    ({"prompt": "x", "model": "/models/other.safetensors"}, 422, "is not served here: this server runs 'tiny'"),
+    ({"prompt": "x", "width": 60}, 422, "width x height='60x64': not a positive multiple of 8: use e.g. 56x64"),
+    ({"prompt": "x", "scheduler": "nope"}, 422, "scheduler='nope': unknown; choose one of ddim, "),
+    ({"prompt": "x", "steps": "4"}, 422, "steps='4': need an integer"),
+    ({"prompt": "x", "steps": True}, 422, "steps=True: need an integer"),
+    ({"steps": 4}, 422, "prompt=None: required: say what to draw"),
+    ({"prompt": "x", "model": "/models/other.safetensors"}, 422, "model='/models/other.safetensors': not served "
+                                                                 "here: this server runs 'tiny'"),
     ({"prompt": "x", "model_path": "/etc/passwd"}, 422, "unknown field(s) 'model_path'"),
     ({"prompt": "x", "image": "AAAA"}, 422, "unknown field(s) 'image' for txt2img"),
-    ({"prompt": "x", "output": "png", "n": 2}, 422, "output='png' returns one image but n=2"),
-    ({"prompt": "x", "seed": -1}, 422, "seed=-1 is outside 0..4294967295 (2**32 - 1)"),
-    ({"prompt": "x", "seed": 2**64}, 422, "seed=18446744073709551616 is outside 0..4294967295 (2**32 - 1)"),
-    ({"prompt": "x", "seed": -2**63}, 422, "seed=-9223372036854775808 is outside"),  # torch: the picture of 2**63
+    ({"prompt": "x", "output": "png", "n": 2}, 422, "output='png': returns one image but n=2"),
+    ({"prompt": "x", "seed": -1}, 422, "seed=-1: need an integer >= 0"),
+    ({"prompt": "x", "seed": 2**64}, 422, "seed=18446744073709551616: over 4294967295: seeds run 0 .. 2**32 - 1"),
+    ({"prompt": "x", "seed": 2**32 + 5}, 422, "seed=4294967301: over 4294967295: torch's CPU generator keeps a "
+                                              "seed's low 32 bits, so this seed paints the picture of seed 5"),
+    ({"prompt": "x", "seed": -2**63}, 422, "seed=-9223372036854775808: need an integer >= 0"),  # torch: 2**63
 ])
 def test_txt2img_refusals(fields, status, message):
     with pytest.raises(RequestError, match=None) as e:
@@ -83,12 +96,13 @@ def test_txt2img_refusals(fields, status, message):
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({}, "field 'image' is required for img2img"),
-    ({"image": "not base64!"}, "field 'image' is not valid base64"),
-    ({"image": base64.b64encode(b"not a picture").decode()},
-     "field 'image' is not a PNG, JPEG or WebP image (cannot identify it)"),
-    ({"image": png_b64((72, 64))}, "input image 72x64 is over the limit max_image_pixels=4096"),
-    ({"image": png_b64(), "strength": 1.5}, "strength=1.5 is outside [0, 1]"),
+    ({}, "image=None: required for img2img"),
+    ({"image": "not base64!"}, "image='not base64!': not valid base64"),
+    ({"image": base64.b64encode(b"not a picture").decode()}, "image='the image': cannot read it: not a PNG/JPEG/WEBP "
+                                                             "picture"),
+    ({"image": png_b64((72, 64))}, "image='the image': 72x64 pixels is over the limit of 0 Mpx for an input picture "
+                                   "(limits.max_image_pixels)"),
+    ({"image": png_b64(), "strength": 1.5}, "strength=1.5: outside [0, 1]"),
 ])
 def test_img2img_refusals(fields, message):
     with pytest.raises(RequestError) as e:
@@ -99,7 +113,7 @@ def test_img2img_refusals(fields, message):
 def test_body_that_is_not_a_json_object():
     for body, message in ((b"{", "the body is not JSON"), (b"[1]", "must be a JSON object")):
         with pytest.raises(RequestError, match=message):
-            parse_request(body, "txt2img", LIMITS, "tiny", (64, 64))
+            parse_request(body, "txt2img", LIMITS, "tiny", model())
 
 
 def test_img2img_decodes_the_upload():
@@ -107,43 +121,47 @@ def test_img2img_decodes_the_upload():
     assert req.image.size == (64, 64) and req.image.mode == "RGB" and req.strength == 0.5
 
 
-@pytest.mark.parametrize("fields,size,message", [
-    ({"height": 20000, "steps": 1, "n": 2}, (64, 64), "height=20000 is over the limit max_side=256"),
-    ({"width": 264}, (64, 64), "width=264 is over the limit max_side=256"),
-    ({"height": 256}, (128, 128), "128x256 (width: the model's own size) is 32768 pixels, over the limit max_pixels"),
-    ({"width": 256}, (128, 128), "256x128 (height: the model's own size) is 32768 pixels"),
-    ({}, (256, 256), "256x256 (width and height: the model's own size) is 65536 pixels"),
+@pytest.mark.parametrize("fields,side,message", [
+    ({"height": 20000, "steps": 1, "n": 2}, 64, "height=20000: over the limit of 16384 (limits.max_pixels)"),
+    ({"width": 264}, 64, "width=264: over the limit of 256 (limits.max_side)"),
+    ({"height": 256}, 128, "width x height='128x256': 0.0 Mpx is over the limit of 0.0 Mpx per image"),
+    ({"width": 256}, 128, "width x height='256x128': 0.0 Mpx is over the limit"),
+    ({}, 256, "width x height='256x256': 0.1 Mpx is over the limit"),
 ])
-def test_one_side_is_checked_with_the_models_own_filling_the_other(fields, size, message):
-    e = refusal(json.dumps({"prompt": "a red circle", **fields}).encode(), size=size)
+def test_one_side_is_checked_with_the_models_own_filling_the_other(fields, side, message):
+    e = refusal(json.dumps({"prompt": "a red circle", **fields}).encode(), side=side)
     assert e.status == 422 and message in str(e), str(e)
-    assert (parse(size=(64, 64), prompt="x", height=256).width, parse(size=(64, 64), prompt="x").height) == (64, 64)
+    assert (parse(side=64, prompt="x", height=256).width, parse(side=64, prompt="x").height) == (64, 64)
 
 
 def test_the_probes_tall_strip_is_refused_under_the_default_limits():
     body = json.dumps({"prompt": "a red circle", "height": 20000, "steps": 1, "n": 4}).encode()
-    assert "height=20000 is over the limit max_side=4096" in str(refusal(body, limits=Limits(), size=(512, 512)))
+    assert "height=20000: over the limit of 4096 (limits.max_side)" in str(refusal(body, limits=Limits(), side=512))
     body = json.dumps({"prompt": "a red circle", "height": 4096}).encode()
-    assert "512x4096 (width: the model's own size) is 2097152 pixels" in str(refusal(body, limits=Limits(),
-                                                                                     size=(512, 512)))
+    assert "width x height='512x4096': 2.0 Mpx is over the limit of 1.0 Mpx per image (limits.max_pixels)" in str(
+        refusal(body, limits=Limits(), side=512))
 
 
 @pytest.mark.parametrize("body,message", [
     (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}",
-     "seed=999999999999...(5000 digits) is outside 0..4294967295 (2**32 - 1)"),
-    (b'{"prompt": "x", "seed": -' + b"9" * 5000 + b"}", "seed=-99999999999...(5000 digits) is outside"),
-    (b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}", "steps=999999999999...(5000 digits) is outside 1..150"),
-    (b'{"prompt": ' + b"1" * 5000 + b"}", "field 'prompt' must be str, not int (111111111111...(5000 digits))"),
-    (b'{"prompt": "x", "width": ' + b"8" * 5000 + b"}", "width=888888888888...(5000 digits) is over the limit"),
-    (b'{"prompt": "x", "guidance": ' + b"9" * 5000 + b"}", "guidance=999999999999...(5000 digits) is outside"),
-    (b'{"prompt": "x", "guidance": NaN}', "guidance=nan is outside [-1000, 1000]"),
-    (b'{"prompt": "x", "guidance": 1e999}', "guidance=inf is outside"),
+     "seed=999999999999...(5000 digits): over 4294967295: seeds run 0 .. 2**32 - 1"),
+    (b'{"prompt": "x", "seed": -' + b"9" * 5000 + b"}", "seed=-99999999999...(5000 digits): need an integer >= 0"),
+    (b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}", "steps=999999999999...(5000 digits): over the limit of 150"),
+    (b'{"prompt": ' + b"1" * 5000 + b"}", "prompt=111111111111...(5000 digits): need a string"),
+    (b'{"prompt": "x", "width": ' + b"8" * 5000 + b"}", "width=888888888888...(5000 digits): over the limit"),
+    (b'{"prompt": "x", "guidance": ' + b"9" * 5000 + b"}", "guidance=999999999999...(5000 digits): outside "
+                                                           "[-1000, 1000]"),
+    (b'{"prompt": "x", "guidance": NaN}', "guidance=nan: not a finite number"),
+    (b'{"prompt": "x", "guidance": 1e999}', "guidance=inf: not a finite number"),
     (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested too deep"),
     (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deep"),
-    (b'{"prompt": "\\udcff"}', r"field 'prompt' holds '\udcff' at index 0, a lone surrogate"),
-    (b'{"prompt": "x", "negative_prompt": "ok \\ud800"}', r"field 'negative_prompt' holds '\ud800' at index 3"),
-    (b'{"prompt": "x", "steps": [[1]]}', "field 'steps' must be int, not list"),
-    (b'{"prompt": "x", "model": "' + b"m" * 5000 + b'"}', "model 'mmmmmmmmmmmmmmmmmmmmmmmmmmmmm...(5002 characters)"),
+    (b'{"prompt": "\\udcff"}', r"prompt='\udcff': holds a character that is not Unicode text (a lone surrogate at "
+                               "position 0)"),
+    (b'{"prompt": "x", "negative_prompt": "ok \\ud800"}', r"negative_prompt='ok \ud800': holds a character that is "
+                                                          "not Unicode text (a lone surrogate at position 3)"),
+    (b'{"prompt": "x", "steps": [[1]]}', "field 'steps' holds a JSON array: send a single value"),
+    (b'{"prompt": "x", "model": "' + b"m" * 5000 + b'"}', "model='" + "m" * 79 + "...(5002 characters): not served "
+                                                          "here"),
     (b'{"prompt": "x", "a": 1, "b": 2, "c": 3, "d\\n": 4}', r"unknown field(s) 'a', 'b', 'c' and 1 more for txt2img"),
     (b"\xff\xfe\x00", "the body is not JSON"),
 ], ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else "")
@@ -185,14 +203,15 @@ def encoded(img: Image.Image, fmt="PNG", **save) -> bytes:
 
 
 @pytest.mark.parametrize("data,message", [
-    (png_header(20000, 20000), "declares a size Pillow calls a decompression bomb, far over the limit "
-                               "max_image_pixels=16777216"),
-    (png_header(5000, 5000), "input image 5000x5000 is over the limit max_image_pixels=16777216"),
-    (png_header(64, 64), "field 'image' does not decode (truncated or corrupt)"),
-    (b"GIF89a" + bytes(64), "not a PNG, JPEG or WebP image (cannot identify it)"),  # a decoder no upload reaches
-    (encoded(Image.new("RGB", (5, 5))), "output 0x0 (width and height: the input's size) has a side under 8"),
-    (encoded(Image.new("RGB", (4200, 8))), "output 4200x8 (width and height: the input's size) has a side over "
-                                           "the limit max_side=4096"),
+    (png_header(20000, 20000), "image='the image': cannot read it: Image size (400000000 pixels) exceeds limit of "
+                               "178956970 pixels, could be decompression bomb DOS attack."),
+    (png_header(5000, 5000), "image='the image': 5000x5000 pixels is over the limit of 16 Mpx for an input picture "
+                             "(limits.max_image_pixels)"),
+    (png_header(64, 64), "image='the image': cannot read it: "),  # truncated: Pillow names what is missing
+    (b"GIF89a" + bytes(64), "image='the image': cannot read it: not a PNG/JPEG/WEBP picture"),  # no GIF decoder
+    (encoded(Image.new("RGB", (5, 5))), "width x height='0x0': not a positive multiple of 8: use e.g. 8x8"),
+    (encoded(Image.new("RGB", (4200, 8))), "width x height='4200x8': a side is over the limit of 4096 "
+                                           "(limits.max_side)"),
 ], ids=lambda v: "" if isinstance(v, bytes) else v[:40])
 def test_an_upload_is_sized_from_its_header_before_it_decodes(data, message):
     e = refusal(image_body(data), "img2img", limits=Limits())
@@ -207,7 +226,7 @@ def test_an_upload_is_sized_from_its_header_before_it_decodes(data, message):
     (Image.new("1", (64, 64), 1), (255, 255, 255)),
 ])
 def test_an_upload_becomes_the_rgb_a_viewer_shows(img, pixel):
-    req = parse_request(image_body(encoded(img)), "img2img", Limits(), "tiny", (64, 64))
+    req = parse_request(image_body(encoded(img)), "img2img", Limits(), "tiny", model())
     assert req.image.mode == "RGB" and req.image.size == (64, 64)
     assert req.image.getpixel((0, 0)) == pytest.approx(pixel, abs=1), img.mode
 
@@ -216,7 +235,7 @@ def test_a_palette_upload_with_a_transparent_colour():
     img = Image.new("P", (64, 64), 1)
     img.putpalette([0, 0, 0, 255, 0, 0])
     img.putpixel((1, 0), 0)
-    req = parse_request(image_body(encoded(img, transparency=1)), "img2img", Limits(), "tiny", (64, 64))
+    req = parse_request(image_body(encoded(img, transparency=1)), "img2img", Limits(), "tiny", model())
     assert req.image.getpixel((0, 0)) == (255, 255, 255) and req.image.getpixel((1, 0)) == (0, 0, 0)
 
 

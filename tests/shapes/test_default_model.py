@@ -11,7 +11,7 @@ from PIL import Image
 
 import sdfast
 from sdfast.cli import main
-from sdfast.pipeline import DEFAULT_MODEL
+from sdfast.loading import DEFAULT_MODEL
 from sdfast.shapes.checker import check
 from sdfast.shapes.train import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
 

@@ -1,0 +1,156 @@
+"""What an ONNX export holds: one graph per network, each a thin module around the torch network with named,
+dynamically sized inputs (``GraphSpec``). ``sdfast.export.onnx`` exports, checks and saves them.
+
+The graphs and their signatures (what the ``onnxruntime`` and ``tensorrt`` backends call):
+
+| file | inputs | outputs |
+|---|---|---|
+| ``text_encoder.onnx`` | ``input_ids`` (B, 77) int64 | ``hidden_states`` (B, L, 77, C): every layer through the final LayerNorm, ``pooled`` (B, P) |
+| ``unet.onnx`` | ``sample`` (B, 4, h, w), ``timestep`` (B,) fp32, ``context`` (B, 77*K, C) | ``noise`` (B, 4, h, w) |
+| ``vae_decoder.onnx`` | ``latent`` (B, 4, h, w), scaled | ``image`` (B, 3, 8h, 8w) |
+| ``vae_encoder.onnx`` | ``image`` (B, 3, H, W) | ``mean``, ``logvar`` (B, 4, H/8, W/8): the posterior, unscaled |
+
+SDXL adds ``text_encoder_2.onnx`` (OpenCLIP bigG: the same signature, ``pooled`` its projection) and two U-Net
+inputs, ``text_embeds`` (B, 1280) and ``time_ids`` (B, 6) fp32 (the refiner: 5); both text encoders' hidden states
+are then raw (SDXL reads them without the final LayerNorm; the manifest's ``text_final_norm`` says which), and the
+refiner has no ``text_encoder.onnx``. An fp16 SDXL export keeps its VAE graphs in fp32 where the VAE's config says
+``force_upcast`` (SDXL's VAE overflows in fp16), as the torch pipeline decodes it (``VAEConfig.compute_dtype``).
+Batch, sizes and the context length are dynamic axes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# every network an export may hold: SD 1.x / 2.x have all but text_encoder_2, SDXL all five, its refiner all but
+# text_encoder (``pipeline_networks``)
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder: nn.Module, final_norm: bool = True):
+        super().__init__()
+        self.text_encoder, self.final_norm = text_encoder, final_norm
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_encoder.all_layers(input_ids, self.final_norm)  # (B, L, 77, C), (B, P)
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # SDXL's two extra inputs; an SD 1.x / 2.x graph is exported with the first three only
+        return self.unet(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
+
+
+class VAEDecoderGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent)
+
+
+class VAEEncoderGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae.posterior(image)
+
+
+@dataclass
+class GraphSpec:
+    """One network's graph: its module, named example inputs with their dynamic axes, its output names, and the
+    dtype it computes in (the export's, or fp32 for an upcast VAE)."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    dynamic: dict[str, dict[int, str]]  # input name -> {axis: name}
+    outputs: tuple[str, ...]
+    dtype: torch.dtype = torch.float32
+
+    def example(self, batch: int, latent: tuple[int, int], tokens: int, seed: int) -> dict[str, torch.Tensor]:
+        """Inputs like the export example at another batch, latent size (h, w) and context length."""
+        g = torch.Generator().manual_seed(seed)
+        sizes = {"batch": batch, "height": latent[0], "width": latent[1], "tokens": tokens,
+                 "image_height": 8 * latent[0], "image_width": 8 * latent[1]}
+        out = {}
+        for name, t in self.inputs.items():
+            shape = list(t.shape)
+            for axis, axis_name in self.dynamic[name].items():
+                shape[axis] = sizes[axis_name]
+            if t.dtype == torch.int64:  # token ids: reuse the example's real prompts, which hold an eos each
+                out[name] = t[torch.arange(batch) % t.shape[0]]
+            elif name == "timestep":
+                out[name] = torch.rand(shape, generator=g) * 999
+            elif name == "time_ids":  # SDXL's sizes and crop offsets (or aesthetic score), in pixels
+                out[name] = torch.randint(0, 1025, shape, generator=g).float()
+            else:
+                out[name] = torch.randn(shape, generator=g).to(t.dtype)
+        return out
+
+
+def pipeline_networks(pipe) -> tuple[str, ...]:
+    """The networks a loaded pipeline exports: SD's four, SDXL's five, the SDXL refiner's four (no first encoder)."""
+    return tuple(n for n in NETWORKS if not n.startswith("text_encoder") or getattr(pipe, n) is not None)
+
+
+def text_final_norm(pipe) -> bool:
+    """Whether the text-encoder graphs hold hidden states through the final LayerNorm (SD 1.x / 2.x's CLIP skip)
+    or raw (SDXL, which conditions on a raw penultimate state)."""
+    return not pipe.is_xl
+
+
+def graph_specs(pipe, latent: int = 16) -> list[GraphSpec]:
+    """The graphs of a loaded torch ``Pipeline`` (``pipeline_networks``), with example inputs at batch 2 and a
+    ``latent`` x ``latent`` latent. The default 16 keeps the U-Net's deepest level above 1x1 for SD's three
+    halvings, so torch.export sees no size-1 axis it would specialise on."""
+    dtype = pipe.dtype
+    g = torch.Generator().manual_seed(0)
+    unet, vae = pipe.unet.config, pipe.vae.config
+    image = 8 * latent
+    specs = []
+    for name, tokenizer, encoder in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
+                                     ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2)):
+        if encoder is None:
+            continue
+        ids = tokenizer.encode(["a photograph of an astronaut riding a horse", "a red circle"])[:, 0]  # (2, 77)
+        specs.append(GraphSpec(name, TextEncoderGraph(encoder, text_final_norm(pipe)), {"input_ids": ids},
+                               {"input_ids": {0: "batch"}}, ("hidden_states", "pooled"), dtype))
+    tokens = (pipe.text_encoder or pipe.text_encoder_2).config.max_positions
+    unet_inputs = {"sample": torch.randn(2, unet.in_channels, latent, latent, generator=g).to(dtype),
+                   "timestep": torch.tensor([999.0, 500.0]),  # fp32 in every dtype: the embedding is fp32 maths
+                   "context": torch.randn(2, tokens, unet.context_dim, generator=g).to(dtype)}
+    unet_axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+                 "context": {0: "batch", 1: "tokens"}}
+    if pipe.is_xl:  # pooled text (B, P) in the model's dtype; micro-conditioning numbers (B, 6 or 5) in fp32
+        pooled = pipe.text_encoder_2.config.projection_dim
+        numbers = (unet.added_cond_dim - pooled) // unet.added_time_dim
+        unet_inputs["text_embeds"] = torch.randn(2, pooled, generator=g).to(dtype)
+        unet_inputs["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024][:numbers]] * 2)
+        unet_axes.update(text_embeds={0: "batch"}, time_ids={0: "batch"})
+    specs.append(GraphSpec("unet", UNetGraph(pipe.unet), unet_inputs, unet_axes, ("noise",), dtype))
+    vae_net, vae_dtype = pipe.vae, vae.compute_dtype(dtype, pipe.is_xl)
+    if vae_dtype != dtype:  # an fp32 copy for the export only (~0.3 GB for SD's VAE); the pipeline keeps its own
+        vae_net = copy.deepcopy(pipe.vae).to(vae_dtype)
+    specs += [
+        GraphSpec("vae_decoder", VAEDecoderGraph(vae_net),
+                  {"latent": torch.randn(2, vae.latent_channels, latent, latent, generator=g).to(vae_dtype)},
+                  {"latent": {0: "batch", 2: "height", 3: "width"}}, ("image",), vae_dtype),
+        GraphSpec("vae_encoder", VAEEncoderGraph(vae_net),
+                  {"image": (torch.rand(2, vae.in_channels, image, image, generator=g) * 2 - 1).to(vae_dtype)},
+                  {"image": {0: "batch", 2: "image_height", 3: "image_width"}}, ("mean", "logvar"), vae_dtype),
+    ]
+    return specs
