@@ -42,7 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
-    from sdfast.export.onnx import ExportError, export_pipeline, read_manifest, weights_hash
+    from sdfast.export.errors import ExportError
+    from sdfast.export.manifest import read_manifest, weights_hash
+    from sdfast.export.onnx import export_pipeline
 
     model = args.model or random_model(args.arch, cache_dir() / "random")
     torch_pipe = sdfast.load(model)

@@ -1,5 +1,6 @@
 """What an ONNX export holds: one graph per network, each a thin module around the torch network with named,
-dynamically sized inputs (``GraphSpec``). ``sdfast.export.onnx`` exports, checks and saves them.
+dynamically sized inputs (``GraphSpec``), in fp32 or fp16 (``dtype_name``). ``sdfast.export.onnx`` exports and
+saves them, ``sdfast.export.check`` checks them against the torch model.
 
 The graphs and their signatures (what the ``onnxruntime`` and ``tensorrt`` backends call):
 
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .errors import ExportError
 
 # every network an export may hold: SD 1.x / 2.x have all but text_encoder_2, SDXL all five, its refiner all but
 # text_encoder (``pipeline_networks``)
@@ -111,6 +114,15 @@ def text_final_norm(pipe) -> bool:
     """Whether the text-encoder graphs hold hidden states through the final LayerNorm (SD 1.x / 2.x's CLIP skip)
     or raw (SDXL, which conditions on a raw penultimate state)."""
     return not pipe.is_xl
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"fp32" or "fp16": a graph's dtype as the manifest, the check's tolerances and the export cache name it."""
+    names = {torch.float32: "fp32", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ExportError(f"ONNX export supports fp32 and fp16, not {dtype}: load the model with dtype='fp16' "
+                          "or 'fp32'")
+    return names[dtype]
 
 
 def graph_specs(pipe, latent: int = 16) -> list[GraphSpec]:

@@ -1,11 +1,5 @@
-"""TensorRT engines from an export folder: optimisation profiles, the timing cache, and the engine cache.
-
-Works with either TensorRT flavour, found in this order (same Python API):
-- ``tensorrt``: full TensorRT; building needs a CUDA GPU, and engines are specific to it.
-- ``tensorrt_rtx`` / ``tensorrt_rtx_bindings`` (TensorRT-RTX; the PyPI wheels ``tensorrt-rtx-cu13-libs`` and
-  ``-bindings`` install the latter): builds ahead of time on any machine, GPU or not, and compiles kernels for the
-  GPU when the engine is loaded. It cannot target every GPU (1.7: not sm_90, the H100 / H200): on one of those,
-  builds and loads are refused up front (``check_target``).
+"""TensorRT engines from an export folder: the engine cache and the builds (``build_engines``); which TensorRT and
+GPU they are for is ``sdfast.export.flavour``, the shapes they serve ``sdfast.export.profiles``.
 
 Engines are built strongly typed, so their precision is the ONNX graphs' (``sdfast export --dtype``); with full
 TensorRT, ``fp16=True`` on fp32 graphs also allows the classic mixed-precision build (``BuilderFlag.FP16``).
@@ -20,10 +14,7 @@ Full TensorRT builds share a timing cache, ``engines/timing-KEY.cache`` (KEY: Te
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
-import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -33,201 +24,15 @@ import torch
 
 from sdfast.files import write_atomically
 
-from .onnx import file_hash, file_lock, read_manifest, sha256_files
+from .errors import EngineError
+from .files import file_hash, file_lock, sha256_files
+from .flavour import check_target, device_name, flavour, gpu, tensorrt
+from .manifest import read_manifest
+from .profiles import Shapes, profiles
 
-FLAVOURS = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")  # preference order
-HAS_TENSORRT = any(importlib.util.find_spec(name) is not None for name in FLAVOURS)
 ENGINES = "engines"
-# TensorRT-RTX's compute capabilities (75: sm_75) for a module without a ComputeCapability enum to read them from
-RTX_TARGETS = (75, 80, 86, 89, 120)
 # How long a build waits for another process building the same engine (a full-size U-Net: many minutes).
 LOCK_TIMEOUT_S = 3 * 3600.0
-
-
-class EngineError(ValueError):
-    """A TensorRT engine that cannot be built or used: no TensorRT, a parse or build failure, a stale or corrupt
-    engine, or a shape outside the engine's profiles (a ValueError, so the CLI reports it in one line)."""
-
-
-@functools.cache
-def tensorrt():
-    """The TensorRT Python module (the first flavour of FLAVOURS that imports), or a clear EngineError."""
-    for name in FLAVOURS:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise EngineError("no TensorRT Python module is installed: pip install tensorrt-rtx-cu13-libs "
-                      "tensorrt-rtx-cu13-bindings (TensorRT-RTX, builds without a GPU), or NVIDIA's tensorrt")
-
-
-def flavour() -> dict[str, str]:
-    """{"flavour": "tensorrt" | "tensorrt_rtx", "version": ...} of the module ``tensorrt()`` found."""
-    trt = tensorrt()
-    return {"flavour": "tensorrt" if trt.__name__ == "tensorrt" else "tensorrt_rtx", "version": trt.__version__}
-
-
-def gpu() -> str:
-    """The GPU(s) an engine is built for; engines are keyed by it. Full TensorRT tunes an engine for the GPU that
-    builds it, and the engine runs only there. TensorRT-RTX builds a portable engine for its default targets (sm_80,
-    sm_86, sm_89, sm_120 and later), GPU or not, and compiles it for the actual GPU when it loads, so an engine
-    built on a CPU-only machine serves any of those GPUs and this machine's GPU is not part of its key."""
-    if flavour()["flavour"] == "tensorrt_rtx":
-        return "portable (TensorRT-RTX default targets)"
-    if not torch.cuda.is_available():
-        return "none"
-    return device_name()
-
-
-def device_name(device=None) -> str:
-    """A CUDA GPU as keys and messages name it, e.g. ``NVIDIA H200 (sm_90)``."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-
-
-def rtx_targets(trt) -> tuple[int, ...]:
-    """The compute capabilities TensorRT-RTX module ``trt`` can compile for (89: sm_89): the SM members of its
-    ComputeCapability enum, or RTX_TARGETS where it has none."""
-    members = getattr(getattr(trt, "ComputeCapability", None), "__members__", {})
-    return tuple(sorted(int(v) for name, v in members.items() if name[:2] == "SM" and name[2:].isdigit())) \
-        or RTX_TARGETS
-
-
-def check_target(device=None) -> None:
-    """TensorRT-RTX compiles only for the GPUs of its ComputeCapability enum (1.7: no sm_90, so no H100 / H200), so
-    its engines cannot run on any other: say so in one line, before an engine is built or loaded."""
-    info = flavour()
-    if info["flavour"] != "tensorrt_rtx" or not torch.cuda.is_available():
-        return
-    major, minor = torch.cuda.get_device_capability(device)
-    targets = rtx_targets(tensorrt())
-    if major * 10 + minor not in targets:
-        raise EngineError(f"TensorRT-RTX {info['version']} cannot run engines on {device_name(device)}: its targets "
-                          f"are {', '.join(f'sm_{t}' for t in targets)}; on this GPU use backend='triton', 'compile' "
-                          "or 'onnxruntime' (onnxruntime-gpu), or NVIDIA's full `tensorrt` package (pip install "
-                          "tensorrt; sdfast prefers it to TensorRT-RTX)")
-
-
-# -- optimisation profiles --
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """The requests engines must serve. ``sizes``: one optimisation profile each, an image size range in pixels
-    ((min width, min height), (max width, max height)); ``batch``: (min, max) images per call; ``prompt_chunks``:
-    the most 77-token chunks a long prompt may take."""
-
-    sizes: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
-    batch: tuple[int, int] = (1, 1)
-    prompt_chunks: int = 1
-
-    @classmethod
-    def parse(cls, sizes: list[str], batch: list[int], prompt_chunks: int = 1) -> "Shapes":
-        """``sizes`` like ["512x512", "512x512-768x1024"] (WxH or a WxH-WxH range); ``batch`` like [1, 4] (the
-        smallest and largest given are the range)."""
-        ranges = []
-        for text in sizes:
-            try:
-                ends = [tuple(int(v) for v in end.lower().split("x")) for end in text.split("-")]
-            except ValueError:
-                ends = []
-            if len(ends) not in (1, 2) or any(len(e) != 2 for e in ends):
-                raise ValueError(f"size {text!r}: use WIDTHxHEIGHT (e.g. 512x512) or a range 512x512-768x1024")
-            lo, hi = ends[0], ends[-1]
-            if any(v <= 0 or v % 8 for v in (*lo, *hi)):
-                raise ValueError(f"size {text!r}: widths and heights must be positive multiples of 8")
-            if lo[0] > hi[0] or lo[1] > hi[1]:
-                raise ValueError(f"size range {text!r} runs backwards: put the smaller size first")
-            ranges.append((lo, hi))
-        if not ranges:
-            raise ValueError("no sizes: give at least one WIDTHxHEIGHT")
-        if not batch or min(batch) < 1:
-            raise ValueError(f"batch {batch}: need sizes >= 1")
-        if prompt_chunks < 1:
-            raise ValueError(f"prompt_chunks={prompt_chunks}: need at least 1")
-        return cls(tuple(ranges), (min(batch), max(batch)), prompt_chunks)
-
-
-def profiles(network: str, manifest: dict, shapes: Shapes) -> list[dict[str, list[list[int]]]]:
-    """The optimisation profiles of one network: [{input: [min, opt, max]}], one per size range (one in all for
-    the text encoder, which does not see the image). The U-Net's batch doubles under classifier-free guidance;
-    the optimum is the smallest size at the smallest batch, guided. SDXL's U-Net also takes ``text_embeds`` and
-    ``time_ids``, one row per sample."""
-    configs = manifest["configs"]
-    unet, vae = configs["unet"], configs["vae"]
-    te = configs.get("text_encoder") or configs["text_encoder_2"]  # the SDXL refiner has only the second
-    f = 2 ** (len(vae["block_channels"]) - 1)  # pixels per latent cell
-    b0, b1 = shapes.batch
-    tokens = te["max_positions"]
-    if network in ("text_encoder", "text_encoder_2"):  # prompts and negatives, each in up to prompt_chunks chunks
-        return [{"input_ids": [[1, tokens], [2 * b0, tokens], [2 * b1 * shapes.prompt_chunks, tokens]]}]
-    out = []
-    for (w0, h0), (w1, h1) in shapes.sizes:
-        if network == "unet":
-            c, ctx = unet["in_channels"], unet["context_dim"]
-            out.append({
-                "sample": [[b0, c, h0 // f, w0 // f], [2 * b0, c, h0 // f, w0 // f], [2 * b1, c, h1 // f, w1 // f]],
-                "timestep": [[b0], [2 * b0], [2 * b1]],
-                "context": [[b0, tokens, ctx], [2 * b0, tokens, ctx], [2 * b1, tokens * shapes.prompt_chunks, ctx]],
-            })
-            if unet.get("added_time_dim") is not None:  # SDXL: pooled text (B, P), micro-conditioning (B, n)
-                pooled = configs["text_encoder_2"]["projection_dim"]
-                numbers = (unet["added_cond_dim"] - pooled) // unet["added_time_dim"]
-                out[-1].update({name: [[b0, width], [2 * b0, width], [2 * b1, width]]
-                                for name, width in (("text_embeds", pooled), ("time_ids", numbers))})
-        elif network == "vae_decoder":
-            c = vae["latent_channels"]
-            out.append({"latent": [[b0, c, h0 // f, w0 // f], [b0, c, h0 // f, w0 // f], [b1, c, h1 // f, w1 // f]]})
-        elif network == "vae_encoder":  # img2img encodes one picture, then repeats its latent
-            c = vae["in_channels"]
-            out.append({"image": [[1, c, h0, w0], [1, c, h0, w0], [b1, c, h1, w1]]})
-        else:
-            raise ValueError(f"unknown network {network!r}")
-    return out
-
-
-def check_shapes(meta: dict, shapes: dict[str, tuple[int, ...]]) -> int:
-    """The index of the first profile of an engine (its sidecar ``meta``) that admits these input shapes, or an
-    EngineError naming every profile's allowed range."""
-    for index, profile in enumerate(meta["profiles"]):
-        if all(len(shapes[name]) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shapes[name], hi))
-               for name, (lo, _, hi) in profile.items()):
-            return index
-    raise EngineError(f"{meta['network']}: {_asked(shapes)} is outside the engine's profiles; allowed: "
-                      f"{_allowed(meta)}. Build one that covers it: sdfast build DIR --sizes WxH --batch N")
-
-
-def covering(engines: list["Engine"], shapes: dict[str, tuple[int, ...]]) -> tuple["Engine", int]:
-    """The first of ``engines`` (``find_engines``' order: newest first) with a profile that admits these input
-    shapes, and that profile's index: which engine serves a request. Otherwise an EngineError naming every engine's
-    allowed ranges."""
-    for engine in engines:
-        try:
-            return engine, check_shapes(engine.meta, shapes)
-        except EngineError:
-            continue
-    if len(engines) == 1:
-        check_shapes(engines[0].meta, shapes)  # raises, with the one engine's ranges
-    allowed = "; ".join(f"{e.path.name}: {_allowed(e.meta)}" for e in engines)
-    raise EngineError(f"{engines[0].meta['network']}: {_asked(shapes)} is outside the profiles of all "
-                      f"{len(engines)} engines; allowed: {allowed}. Build one that covers it: "
-                      "sdfast build DIR --sizes WxH --batch N")
-
-
-def _asked(shapes: dict[str, tuple[int, ...]]) -> str:
-    return ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
-
-
-def _allowed(meta: dict) -> str:
-    return " | ".join(", ".join(f"{name} {_range(lo, hi)}" for name, (lo, _, hi) in profile.items())
-                      for profile in meta["profiles"])
-
-
-def _range(lo, hi) -> str:
-    return "(" + ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in zip(lo, hi)) + ")"
-
-
-# -- the engine cache --
 
 
 def engine_key(fields: dict) -> str:

@@ -4,7 +4,8 @@ Two layouts load: the diffusers folder (``model_index.json`` + one folder per ne
 (CompVis / webui ``.safetensors`` or ``.ckpt``). Key names and transforms of each layout live in ``layouts.py``, a
 single file's configs are inferred in ``infer_config.py``, and the bounds every config value must keep are in
 ``config_bounds.py``; this module only reads files, checks configs, keys and shapes, and materialises the networks.
-Every failure is a ``CheckpointError`` that names the file and the fix; nothing is half loaded.
+Every failure is a ``CheckpointError`` that names the file and the fix; nothing is half loaded. The files themselves
+are read by ``weight_files.WeightFile``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 
@@ -24,83 +24,8 @@ from . import infer_config, layouts
 from .config_bounds import broken_relations, json_type, out_of_bounds, short_repr
 from .schedulers import ScheduleConfig
 from .tokenizer import Tokenizer
+from .weight_files import CheckpointError, WeightFile
 from .models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing, unknown layout, corrupt, or not matching the network."""
-
-
-class WeightFile:
-    """Tensors of one or more files, read one tensor at a time (safetensors: memory-mapped, never read whole)."""
-
-    def __init__(self, paths: Iterable[Path]):
-        self._where: dict[str, object] = {}  # key -> open safe_open handle or a loaded dict
-        self.paths = list(paths)
-        for path in self.paths:
-            if not path.is_file():
-                raise CheckpointError(f"weight file {path} does not exist")
-            if path.suffix == ".safetensors":
-                try:
-                    handle = safe_open(str(path), framework="pt", device="cpu")
-                except (SafetensorError, OSError, ValueError) as e:
-                    raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-                for key in handle.keys():
-                    self._where[key] = handle
-            elif path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
-                state = _torch_load(path)
-                for key in state:
-                    self._where[key] = state
-            else:
-                raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; "
-                                      "expected .safetensors, .bin, .ckpt, .pt or .pth")
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        where = self._where[key]
-        if isinstance(where, dict):
-            return tuple(where[key].shape)
-        return tuple(where.get_slice(key).get_shape())
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: self.shape(key) for key in self._where}
-
-    def get(self, key: str) -> torch.Tensor:
-        where = self._where[key]
-        if isinstance(where, dict):
-            return where[key]
-        try:
-            return where.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read tensor {key!r} from {self.paths[0]} (truncated or corrupt?): {e}") from e
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """A pickled checkpoint, through ``weights_only=True`` only: it can hold no code. Memory-mapped when possible."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise CheckpointError(f"{path} cannot be read as a weights-only torch checkpoint "
-                              f"(corrupt, truncated, or it contains code objects): {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
-    step = state.get("global_step")
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # CompVis .ckpt files wrap the weights, with the training step beside them
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if isinstance(step, int) and "global_step" not in tensors:
-        tensors["global_step"] = torch.tensor(step)  # read back by _global_step (SD 2.x epsilon vs v)
-    return tensors
 
 
 @dataclass(frozen=True)
@@ -263,7 +188,7 @@ def load_diffusers(folder: Path, device, dtype) -> Components:
     scheduler_config = check_scheduler_config(raw["scheduler"], names["scheduler"], fix)
     configs = {"unet": unet_cfg, "vae": vae_cfg, **te_cfgs}
     for part, cfg in configs.items():  # before anything is built: the configs describe no more than the weights
-        _check_size(part, cfg, sum(math.prod(shape) for shape in weights[part].shapes().values()), names[part])
+        check_size(part, cfg, sum(math.prod(shape) for shape in weights[part].shapes().values()), names[part])
     tokenizers = {}
     for part in encoders:
         tok = part.replace("text_encoder", "tokenizer")
@@ -351,7 +276,7 @@ def check_scheduler_config(config: dict, source: str, fix: str) -> dict:
     return config
 
 
-def _check_size(component: str, config, available: int, source: str) -> None:
+def check_size(component: str, config, available: int, source: str) -> None:
     """The weights ``config`` implies, counted without building anything, against those ``available`` for it in
     the weight file. Building on the meta device costs time and memory by the module (a U-Net at the bounds: a
     minute), so a config describing a network much larger than the file is refused before that. Up to twice the
@@ -386,7 +311,7 @@ def load_single_file(path: Path, device, dtype, overrides: dict | None = None) -
     cfgs = {"unet": unet_cfg, "vae": vae_cfg, **te_cfgs}
     for component, cfg in cfgs.items():  # before any rule is listed or network built
         available = sum(math.prod(shape) for key, shape in shapes.items() if layouts.component_of(key) == component)
-        _check_size(component, cfg, available, names[component])
+        check_size(component, cfg, available, names[component])
     nets = {}
     for component, cfg in cfgs.items():
         rules = layouts.original_rules(component, configs[component], family)

@@ -44,11 +44,11 @@ def _indices(shapes: Shapes, prefix: str) -> list[int]:
     return sorted(found)
 
 
-def _first_unet_attention(shapes: Shapes) -> str:
-    """Prefix (without UNET_PREFIX) of some spatial transformer of the U-Net, e.g. "middle_block.1."."""
+def _first_unet_attention(shapes: Shapes, prefix: str = UNET_PREFIX) -> str:
+    """Prefix (without ``prefix``) of some spatial transformer of the U-Net, e.g. "middle_block.1."."""
     for key in shapes:
-        if key.startswith(UNET_PREFIX) and key.endswith(".proj_in.weight"):
-            return key[len(UNET_PREFIX):-len("proj_in.weight")]
+        if key.startswith(prefix) and key.endswith(".proj_in.weight"):
+            return key[len(prefix):-len("proj_in.weight")]
     raise _unsupported(shapes, "U-Net has no cross-attention transformer (…proj_in.weight)")
 
 
@@ -92,8 +92,10 @@ def detect_family(shapes: Shapes) -> str:
     return family
 
 
-def _unet_config(shapes: Shapes, family: str, sample_size: int) -> dict[str, Any]:
-    p = UNET_PREFIX
+def unet_config(shapes: Shapes, family: str, sample_size: int, prefix: str = UNET_PREFIX) -> dict[str, Any]:
+    """The U-Net's diffusers config from the shapes of its ``prefix``* keys (a ControlNet's encoder half reads the
+    same way: its file has no up blocks nor output layers, so those entries are then the mirror's / None)."""
+    p = prefix
     blocks = _indices(shapes, p + "input_blocks.")
     # input_blocks: conv_in, then per level `layers` resnets (each + attention where the
     # level has it) and a downsampler except after the last level.
@@ -112,7 +114,7 @@ def _unet_config(shapes: Shapes, family: str, sample_size: int) -> dict[str, Any
         "CrossAttnUpBlock2D" if f"{p}output_blocks.{i * per_level}.1.proj_in.weight" in shapes else "UpBlock2D"
         for i in range(levels)
     ]
-    attention = p + _first_unet_attention(shapes)
+    attention = p + _first_unet_attention(shapes, p)
     # Transformer depth per level: one number when every transformer has the same (1.x, 2.x, the XL refiner's 4),
     # else a list as SDXL's (1, 2, 10): 1 for a level without attention, and the last entry is the middle block's
     # (diffusers builds the middle block from the last entry).
@@ -134,7 +136,7 @@ def _unet_config(shapes: Shapes, family: str, sample_size: int) -> dict[str, Any
         "_class_name": "UNet2DConditionModel",
         "sample_size": sample_size,
         "in_channels": shapes[p + "input_blocks.0.0.weight"][1],
-        "out_channels": shapes[p + "out.2.weight"][0],
+        "out_channels": shapes.get(p + "out.2.weight", (None,))[0],
         "down_block_types": down_types,
         "up_block_types": up_types,
         "block_out_channels": channels,
@@ -258,7 +260,7 @@ def infer_configs(
     v_prediction = family == "sd2" and global_step != SD2_BASE_GLOBAL_STEP
     latent_size = 128 if family.startswith("sdxl") else 96 if v_prediction else 64  # 1024, 768 or 512 px
     configs = {
-        "unet": _unet_config(shapes, family, latent_size),
+        "unet": unet_config(shapes, family, latent_size),
         "vae": _vae_config(shapes, latent_size * 8, family),
         **{component: _text_config(shapes, family, component) for component in TEXT_PREFIXES[family]},
         "scheduler": _scheduler_config(family, "v_prediction" if v_prediction else "epsilon"),

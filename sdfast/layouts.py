@@ -176,12 +176,12 @@ def is_ignored(key: str, configs: Mapping[str, Any]) -> bool:
 # ---- Rules. Sources are built without the component prefix, which original_rules adds. ----
 
 
-def _weight_bias(target: str, source: str) -> list[Rule]:
+def weight_bias(target: str, source: str) -> list[Rule]:
     return [Rule(f"{target}.weight", f"{source}.weight"), Rule(f"{target}.bias", f"{source}.bias")]
 
 
 def _renamed(target: str, source: str, table: Mapping[str, str]) -> list[Rule]:
-    return [r for ours, theirs in table.items() for r in _weight_bias(f"{target}.{ours}", f"{source}.{theirs}")]
+    return [r for ours, theirs in table.items() for r in weight_bias(f"{target}.{ours}", f"{source}.{theirs}")]
 
 
 def _unet_resnet(target: str, source: str, shortcut: bool) -> list[Rule]:
@@ -189,11 +189,11 @@ def _unet_resnet(target: str, source: str, shortcut: bool) -> list[Rule]:
 
 
 def _unet_transformer(target: str, source: str, depth: int) -> list[Rule]:
-    rules = [r for name in _UNET_TRANSFORMER for r in _weight_bias(f"{target}.{name}", f"{source}.{name}")]
+    rules = [r for name in _UNET_TRANSFORMER for r in weight_bias(f"{target}.{name}", f"{source}.{name}")]
     for k in range(depth):
         block = f"transformer_blocks.{k}"
         for name in _UNET_TRANSFORMER_BLOCK:
-            rules += _weight_bias(f"{target}.{block}.{name}", f"{source}.{block}.{name}")
+            rules += weight_bias(f"{target}.{block}.{name}", f"{source}.{block}.{name}")
         rules += [
             Rule(f"{target}.{block}.{name}.weight", f"{source}.{block}.{name}.weight")
             for name in _UNET_TRANSFORMER_BLOCK_NO_BIAS
@@ -201,15 +201,15 @@ def _unet_transformer(target: str, source: str, depth: int) -> list[Rule]:
     return rules
 
 
-def _unet_rules(config: Mapping[str, Any]) -> list[Rule]:
+def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
     channels = config["block_out_channels"]
     layers = config["layers_per_block"]
     depth = config["transformer_layers_per_block"]
     last = len(channels) - 1
     depths = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(channels)  # per level, top down
-    rules = [r for ours, theirs in _UNET_TOP.items() for r in _weight_bias(ours, theirs)]
+    rules = [r for ours, theirs in _UNET_TOP.items() for r in weight_bias(ours, theirs)]
     if config.get("addition_embed_type") == "text_time":
-        rules += [r for ours, theirs in _UNET_ADDED.items() for r in _weight_bias(ours, theirs)]
+        rules += [r for ours, theirs in _UNET_ADDED.items() for r in weight_bias(ours, theirs)]
     n = 1  # input_blocks.0 is conv_in
     for i, block_type in enumerate(config["down_block_types"]):
         for j in range(layers):
@@ -219,7 +219,7 @@ def _unet_rules(config: Mapping[str, Any]) -> list[Rule]:
                 rules += _unet_transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1", depths[i])
             n += 1
         if i < last:
-            rules += _weight_bias(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{n}.0.op")
+            rules += weight_bias(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{n}.0.op")
             n += 1
     rules += _unet_resnet("mid_block.resnets.0", "middle_block.0", False)
     rules += _unet_transformer("mid_block.attentions.0", "middle_block.1", depths[-1])
@@ -235,7 +235,7 @@ def _unet_rules(config: Mapping[str, Any]) -> list[Rule]:
                                            depths[last - i])
                 upsampler = f"output_blocks.{n}.2.conv"
             if j == layers and i < last:
-                rules += _weight_bias(f"up_blocks.{i}.upsamplers.0.conv", upsampler)
+                rules += weight_bias(f"up_blocks.{i}.upsamplers.0.conv", upsampler)
             n += 1
     return rules
 
@@ -258,7 +258,7 @@ def _vae_rules(config: Mapping[str, Any]) -> list[Rule]:
     channels = config["block_out_channels"]
     layers = config["layers_per_block"]
     last = len(channels) - 1
-    rules = [r for ours, theirs in _VAE_TOP.items() for r in _weight_bias(ours, theirs)]
+    rules = [r for ours, theirs in _VAE_TOP.items() for r in weight_bias(ours, theirs)]
     for i in range(last + 1):
         for j in range(layers):
             c_in = channels[max(i - 1, 0)] if j == 0 else channels[i]
@@ -266,7 +266,7 @@ def _vae_rules(config: Mapping[str, Any]) -> list[Rule]:
                 f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", c_in != channels[i]
             )
         if i < last:
-            rules += _weight_bias(f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv")
+            rules += weight_bias(f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv")
     rules += _vae_mid("encoder")
     # diffusers counts decoder up_blocks from the bottleneck; the original's up.N from the image.
     reversed_channels = channels[::-1]
@@ -278,7 +278,7 @@ def _vae_rules(config: Mapping[str, Any]) -> list[Rule]:
                 f"decoder.up_blocks.{i}.resnets.{j}", f"{source}.block.{j}", c_in != reversed_channels[i]
             )
         if i < last:
-            rules += _weight_bias(f"decoder.up_blocks.{i}.upsamplers.0.conv", f"{source}.upsample.conv")
+            rules += weight_bias(f"decoder.up_blocks.{i}.upsamplers.0.conv", f"{source}.upsample.conv")
     return rules + _vae_mid("decoder")
 
 
@@ -329,7 +329,7 @@ def original_rules(component: str, config: Mapping[str, Any], family: str | None
     1.x / 2.x.
     """
     if component == "unet":
-        prefix, rules = UNET_PREFIX, _unet_rules(config)
+        prefix, rules = UNET_PREFIX, unet_rules(config)
     elif component == "vae":
         prefix, rules = VAE_PREFIX, _vae_rules(config)
     elif component in ("text_encoder", "text_encoder_2"):

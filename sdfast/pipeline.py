@@ -7,16 +7,17 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from .control.controls import Active, ControlNets
 from .lora import LoRAs
 from .models import image_side
 from .request import ModelFacts, Request, RequestError, texts
-from .sampler import Conditioning, LatentRGB, denoise, to_pil
+from .sampler import Conditioning, LatentRGB, denoise, from_pil, to_pil
 from .schedulers import make_scheduler
 from .timing import Recorder, Timings
 from .tokenizer import Tokenizer
@@ -50,10 +51,14 @@ class Pipeline:
     # the words the model was trained on, when its folder says (vocabulary.json: the shipped default model's):
     # prompts with others get a warning rather than a silently unrelated picture
     vocabulary: frozenset[str] | None = None
+    # the backend's conversion of a ControlNet as it is added (``pipe.controlnets``); None: the backend runs no
+    # ControlNets (the export backends: their U-Net graph takes no residuals)
+    control_step: Callable[[nn.Module], nn.Module] | None = None
     # one call at a time (run()), and the VAE's twins in other dtypes (_vae()): per pipeline, never copied over
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     _twins: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _loras: LoRAs | None = field(default=None, init=False, repr=False, compare=False)
+    _controlnets: ControlNets | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def latent_rgb(self) -> LatentRGB | None:
@@ -66,6 +71,13 @@ class Pipeline:
         if self._loras is None:
             self._loras = LoRAs(self, self._lock)
         return self._loras
+
+    @property
+    def controlnets(self) -> ControlNets:
+        """The ControlNets this pipeline holds by name (``pipe.controlnets.load(path)``), for ``controls=``."""
+        if self._controlnets is None:
+            self._controlnets = ControlNets(self, self._lock)
+        return self._controlnets
 
     @property
     def vae_scale_factor(self) -> int:
@@ -106,7 +118,10 @@ class Pipeline:
         SD 1.x / 2.x and SDXL VAEs), "vae" (a full decode) or "auto" (linear where there is a map); ``callback(step, timestep, latents)`` runs after every step,
         returning False stops the loop early; ``prompt_embeds`` replaces ``prompt`` (pass None) and
         ``negative_prompt``: embeddings made by ``encode_prompt`` with the same ``guidance_scale``; ``loras``
-        ``{name: scale}`` of loaded LoRAs for this call (default: ``pipe.loras`` at their scales); ``limits``
+        ``{name: scale}`` of loaded LoRAs for this call (default: ``pipe.loras`` at their scales); ``controls`` a list
+        of ``sdfast.control.Control(model, image, scale=1, start=0, end=1)``: ControlNets (by their name in
+        ``pipe.controlnets``) steering the U-Net with their control images (which also set the size, when none is
+        given), over the [start, end] fraction of the schedule; ``limits``
         (``sdfast.request.Limits``: pixels, images per call, steps) raises the bounds.
         The same seed gives the same images on the same device and backend (noise is drawn on the CPU).
 
@@ -177,7 +192,20 @@ class Pipeline:
         added = {}
         if self.is_xl:
             added = self._added_conditioning(pooled.repeat_interleave(r.batch_size, dim=0), len(context), r)
-        return Conditioning(context, added)
+        return Conditioning(context, added, self._controls(r, len(context)))
+
+    def _controls(self, r: Request, rows: int) -> tuple[Active, ...]:
+        """The request's controls with their networks and image rows (every row reads the same map)."""
+        active = []
+        for i, c in enumerate(r.controls):
+            if isinstance(c.model, str) and c.model not in self.controlnets:
+                raise RequestError(f"controls[{i}].model", c.model, "no such ControlNet is loaded (loaded: "
+                                   f"{', '.join(map(repr, self.controlnets.names)) or 'none'}): load it first")
+            named = isinstance(c.model, str)
+            net = self.controlnets[c.model] if named else self.controlnets.prepare(c.model, convert=False)
+            image = from_pil(c.image, r.width, r.height).expand(rows, -1, -1, -1).to(self.device, self.dtype)
+            active.append(Active(net, image, c.scale, c.start, c.end))
+        return tuple(active)
 
     # -- the stages --
 
@@ -275,7 +303,7 @@ class Pipeline:
             return latents if r.denoising_start is not None else latents * sched.init_noise_sigma
         if r.image is None:
             return self._noise(n, r, generator) * sched.init_noise_sigma
-        pixels = _image_tensor(r.image, r.width, r.height).to(self.device, self.dtype)  # rounded as diffusers does
+        pixels = (from_pil(r.image, r.width, r.height) * 2 - 1).to(self.device, self.dtype)  # in [-1, 1]
         with recorder.span("vae_encode"):
             vae, dtype = self._vae(self._vae_dtype)
             init = vae.encode(pixels.to(dtype), generator).to(self.dtype)  # (1, 4, h, w)
@@ -369,11 +397,3 @@ class OutsideVocabulary(UserWarning):
         shown = ", ".join(map(repr, words[:5])) + (f" and {len(words) - 5} more" if len(words) > 5 else "")
         super().__init__(f"{shown}: not among the words this model was trained on, so expect a picture unrelated "
                          f"to them; it knows: {', '.join(sorted(vocabulary))}")
-
-
-def _image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL -> (1, 3, H, W) in [-1, 1], resized to (width, height) when it differs (diffusers' preprocessing)."""
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0

@@ -43,8 +43,10 @@ class RequestError(ValueError):
     def worded(self, names: dict[str, str], joiner: str = " ") -> str:
         """The message with the field as a caller names it: the CLI's ``--steps 0: need an integer >= 1``, a JSON
         body's ``n=0: need an integer >= 1`` (``joiner="="``); a field ``names`` leaves out keeps ``field=``."""
-        name = names.get(self.field, self.field)
-        return f"{name}{'=' if name == self.field else joiner}{_show(self.value)}: {self.rule}"
+        name = names.get(self.field, names.get(self.field.split("[")[0], self.field))  # controls[1].scale: controls
+        shown = f"{name} {self.field}=" if "[" in self.field and name != self.field else \
+            f"{name}{'=' if name == self.field else joiner}"
+        return f"{shown}{_show(self.value)}: {self.rule}"
 
 
 def _show(value) -> str:
@@ -130,6 +132,7 @@ class Request:
     denoising_start: float | None
     denoising_end: float | None
     loras: dict[str, float] | None  # this call's LoRAs by name with their scales; None: the pipeline's defaults
+    controls: tuple = ()  # sdfast.control.Control, checked, images read
     limits: Limits = dataclasses.field(default=Limits(), compare=False)  # what fit() holds the final size to
 
     @property
@@ -147,7 +150,7 @@ class Request:
               scheduler="euler", seed=None, batch_size=1, clip_skip=1, long_prompts=False, image=None,
               strength=0.8, latents=None, preview_every=0, preview_decode="auto", callback=None,
               prompt_embeds=None, pooled_prompt_embeds=None, denoising_start=None, denoising_end=None,
-              loras=None, limits: Limits = Limits(), **micro) -> "Request":
+              loras=None, controls=None, limits: Limits = Limits(), **micro) -> "Request":
         """Every rule that needs no model, in the order a reader would check them. ``micro``: SDXL's
         ``original_size``, ``crops_coords_top_left``, ``target_size``, their ``negative_*`` and the aesthetic
         scores."""
@@ -177,10 +180,10 @@ class Request:
         batch_size = _integer("batch_size", batch_size, 1, limits.max_images, "max_images")
         clip_skip = _integer("clip_skip", clip_skip, 1, 64)
         preview_every = _integer("preview_every", preview_every, 0, 1_000_000)
-        if abs(_number("guidance_scale", guidance_scale)) > MAX_GUIDANCE:
+        if abs(number("guidance_scale", guidance_scale)) > MAX_GUIDANCE:
             raise RequestError("guidance_scale", guidance_scale, f"outside [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}]: "
                                "use e.g. 7.5 (<= 1 turns guidance off)")
-        strength = _number("strength", strength)
+        strength = number("strength", strength)
         if not 0.0 <= strength <= 1.0:
             raise RequestError("strength", strength, "outside [0, 1] (0 keeps the image, 1 ignores it)")
         if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
@@ -199,7 +202,7 @@ class Request:
         if latents is not None and (not isinstance(latents, torch.Tensor) or latents.ndim != 4):
             raise RequestError("latents", latents, "need a tensor (B, channels, height/8, width/8)")
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-            if value is not None and not 0.0 < _number(name, value) < 1.0:
+            if value is not None and not 0.0 < number(name, value) < 1.0:
                 raise RequestError(name, value, "outside (0, 1): it is the fraction of the noise schedule "
                                    "already done (start) or to do (end)")
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
@@ -210,7 +213,8 @@ class Request:
         request = cls(prompts, negatives, width, height, steps, float(guidance_scale), scheduler, seed, batch_size,
                       clip_skip, long_prompts, None if image is None else read_image(image, limits), float(strength),
                       latents, preview_every, preview_decode, callback, prompt_embeds, pooled_prompt_embeds,
-                      _micro(micro), denoising_start, denoising_end, _loras(loras), limits)
+                      _micro(micro), denoising_start, denoising_end, _loras(loras), _controls(controls, limits),
+                      limits)
         if request.images > limits.max_images:
             rows = request.images // batch_size
             raise RequestError("batch_size", batch_size, f"{rows} prompt(s) x {batch_size} is {request.images} "
@@ -226,8 +230,9 @@ class Request:
         size set."""
         f = model.vae_scale_factor
         width, height = self.width, self.height
-        if self.image is not None:  # img2img keeps the picture's size unless told otherwise
-            width, height = width or self.image.width // f * f, height or self.image.height // f * f
+        given = self.image if self.image is not None else self.controls[0].image if self.controls else None
+        if given is not None:  # img2img and ControlNets keep the picture's size unless told otherwise
+            width, height = width or given.width // f * f, height or given.height // f * f
         elif self.latents is not None:  # given latents (e.g. a base model's hand-off) set the size
             width, height = width or self.latents.shape[-1] * f, height or self.latents.shape[-2] * f
         # None, not 0: a picture under one latent cell a side keeps its 0 and is refused below
@@ -287,6 +292,12 @@ def lora_scale(field: str, name: str, scale) -> float:
     return float(scale)
 
 
+def _controls(value, limits: Limits) -> tuple:
+    # imported here: sdfast.control's rules read pictures with this module's read_image
+    from .control.controls import check_controls
+    return check_controls(value, limits)
+
+
 def _seed(value) -> int:
     seed = _integer("seed", value, 0, math.inf)
     if seed > MAX_SEED:  # what the generator would make of it (it refuses 2**64 and over): say so, never alias
@@ -296,7 +307,8 @@ def _seed(value) -> int:
     return seed
 
 
-def _number(name: str, value) -> float:
+def number(name: str, value) -> float:
+    """A finite number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise RequestError(name, value, "need a number")
     if not math.isfinite(value):
@@ -329,7 +341,7 @@ def _micro(fields: dict) -> Micro:
     checked = {}
     for name, value in fields.items():
         if name.endswith("aesthetic_score"):
-            checked[name] = _number(name, value)
+            checked[name] = number(name, value)
         elif value is not None:
             if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
                     isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)

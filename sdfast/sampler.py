@@ -6,7 +6,7 @@ inputs and decodes the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -56,18 +56,36 @@ class Conditioning:
     """What the U-Net is conditioned on, one row per U-Net batch row: [negatives; prompts] when guiding.
     ``context`` (B', 77*K, C) is the text; ``added`` holds the model family's other inputs by the U-Net's keyword
     names (SDXL: ``text_embeds`` (B', 1280) and ``time_ids`` (B', 6 or 5); nothing for SD 1.x / 2.x), so every
-    backend's U-Net is called the same way: ``unet(x, t, context, **added)``."""
+    backend's U-Net is called the same way: ``unet(x, t, context, **added)``. ``controls`` are the ControlNets of
+    the call (``sdfast.control.Active``: a network, its image rows, scale and schedule window)."""
 
     context: torch.Tensor
     added: dict[str, torch.Tensor] = field(default_factory=dict)
+    controls: tuple = ()
+
+    def at(self, call: int, calls: int) -> Conditioning:
+        """The conditioning of model call ``call`` of ``calls``: the controls whose window holds it."""
+        if not self.controls:
+            return self
+        return replace(self, controls=tuple(c for c in self.controls if c.acts_at(call, calls)))
+
+    def inputs(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, object]:
+        """The U-Net's keyword inputs for latents ``x``: ``added``, and the controls' residuals summed in order
+        (diffusers' MultiControlNetModel) as ``down_residuals`` / ``mid_residual``."""
+        down, mid = None, None
+        for c in self.controls:
+            d, m = c.net(x, t, self.context, c.image, c.scale, **self.added)
+            down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+        return self.added if down is None else {**self.added, "down_residuals": down, "mid_residual": mid}
 
 
 def guided(unet: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022). ``cond`` is [negative; prompt] stacked on the batch axis
     when ``scale > 1``, and the prompt alone otherwise (then the U-Net runs once, on the conditional half)."""
     if scale <= 1.0:
-        return unet(x, t, cond.context, **cond.added)
-    uncond, positive = unet(torch.cat([x, x]), t, cond.context, **cond.added).chunk(2)
+        return unet(x, t, cond.context, **cond.inputs(x, t))
+    x = torch.cat([x, x])
+    uncond, positive = unet(x, t, cond.context, **cond.inputs(x, t)).chunk(2)
     return uncond + scale * (positive - uncond)
 
 
@@ -90,6 +108,14 @@ def to_pil(images: torch.Tensor, size: tuple[int, int] | None = None) -> list[Im
     return pils
 
 
+def from_pil(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL -> (1, 3, height, width) in [0, 1], resized when its size differs (Lanczos, as diffusers' image
+    processor)."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
 def denoise(unet: Callable, scheduler: Scheduler, latents: torch.Tensor, cond: Conditioning, *,
             guidance_scale: float, start: int, generator: torch.Generator | None, recorder: Recorder,
             end: int | None = None,
@@ -106,7 +132,7 @@ def denoise(unet: Callable, scheduler: Scheduler, latents: torch.Tensor, cond: C
         with recorder.span("step"):
             with recorder.span("unet"):
                 x_in = scheduler.scale_model_input(latents, index)
-                out = guided(unet, x_in, t, cond, guidance_scale)
+                out = guided(unet, x_in, t, cond.at(step - 1, len(timesteps)), guidance_scale)
             with recorder.span("scheduler"):
                 latents = scheduler.step(out, index, latents, generator)
         if preview is not None and preview_every and (step % preview_every == 0 or step == len(timesteps)):

@@ -131,7 +131,7 @@ def _needs_onnx() -> None:
 def _exported_on_the_fly(ref: Reference, cache: Path) -> Exported:
     """``ref``'s model in fp32, exported as ``sdfast.load(..., backend="onnxruntime")`` does, into a fresh cache."""
     import sdfast
-    from sdfast.export.onnx import cached_export
+    from sdfast.export.cache import cached_export
 
     _needs_onnx()
     pipe = sdfast.load(ref.path)

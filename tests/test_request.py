@@ -142,11 +142,17 @@ def test_a_shared_pipeline_is_safe_across_threads(sdxl):
 @given(st.dictionaries(st.sampled_from(["width", "height", "steps", "guidance_scale", "scheduler", "seed",
                                         "batch_size", "clip_skip", "strength", "preview_every", "negative_prompt",
                                         "long_prompts", "denoising_end", "denoising_start", "preview_decode",
-                                        "latents", "image", "original_size", "aesthetic_score", "callback"]),
+                                        "latents", "image", "original_size", "aesthetic_score", "callback",
+                                        "loras", "controls"]),
                        st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(),
                                  st.text(max_size=8), st.lists(st.one_of(st.integers(), st.text(max_size=2)),
                                                                max_size=3),
-                                 st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)), max_size=5))
+                                 st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+                                 st.lists(st.dictionaries(st.sampled_from(["model", "image", "scale", "start", "end",
+                                                                           "x"]),
+                                                          st.one_of(st.floats(), st.integers(), st.text(max_size=3),
+                                                                    st.none()), max_size=5), max_size=2)),
+                       max_size=5))
 def test_any_fields_give_a_request_or_a_request_error(fields):
     """Random values for every field: the outcome is a request or a clean RequestError, never another error."""
     try:

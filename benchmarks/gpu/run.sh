@@ -117,6 +117,10 @@ SDXL=($S bench --report sdxl --arch $XL --size $XL_SIZE "${ROW[@]}" --peak "$PEA
 stage sdxl-diffusers 60 "${SDXL[@]}" --baseline
 stage sdxl-triton 60 "${SDXL[@]}" --backend triton
 stage sdxl-torch 45 "${SDXL[@]}" --backend torch
+# per-step latency with one ControlNet (issue 17), its own report: every row there runs the ControlNet
+SD15_CN=($S bench --report sd15-controlnet --arch $SD --size $SIZE "${ROW[@]}" --peak "$PEAK" --controlnet)
+stage sd15-controlnet-diffusers 45 "${SD15_CN[@]}" --baseline
+stage sd15-controlnet-triton 45 "${SD15_CN[@]}" --backend triton
 
 $S summary >"$WORK/summary.txt" 2>>"$LOG"
 gzip -f "$LOG"

@@ -157,7 +157,7 @@ def bench(args) -> int:
         compiled_baseline=args.compiled_baseline, sizes=((args.size, args.size),), batches=(args.batch,),
         steps=args.steps, dtype=args.dtype, device=args.device, warmup=args.warmup, repeat=args.repeat,
         compile_mode=args.compile_mode, compiler=args.compiler, peak=args.peak or "datasheet",
-        lora_rank=args.lora_rank)
+        lora_rank=args.lora_rank, controlnet=args.controlnet)
     model = random_model(args.arch, cache_dir() / "random")
     part = run(model, settings, label=f"{args.arch} (random weights)", progress=False,
                command=" ".join(["benchmarks/gpu/stages.py", *sys.argv[1:]]))
@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compile-mode", default=None)
     b.add_argument("--compiler", default="inductor")
     b.add_argument("--lora-rank", type=int, default=0, help="also time a random LoRA of this rank being swapped")
+    b.add_argument("--controlnet", action="store_true",
+                   help="every row with one ControlNet (sdfast bench --controlnet)")
     b.add_argument("--peak", default=None, help="TFLOP/s measured by the env stage (default: the datasheet)")
     r = sub.choices["record"]
     r.add_argument("--stage", required=True)

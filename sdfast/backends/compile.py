@@ -49,8 +49,15 @@ def prepare(pipe, device: torch.device | None = None, **options):
     opts = CompileOptions(**options)
     unet = prepare_modules(pipe.unet, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
     mode = opts.mode if opts.compiler == "inductor" else None  # modes are Inductor's; other compilers refuse one
-    compiled = torch.compile(unet, mode=mode, backend=opts.compiler, fullgraph=True, dynamic=False)
-    return dataclasses.replace(pipe, unet=CompiledUNet(compiled, unet.config))
+
+    def compiled(net: nn.Module) -> nn.Module:
+        return torch.compile(net, mode=mode, backend=opts.compiler, fullgraph=True, dynamic=False)
+
+    def control_step(net: nn.Module) -> nn.Module:
+        return CompiledControlNet(compiled(prepare_modules(net, channels_last=opts.channels_last,
+                                                           fuse_qkv=opts.fuse_qkv)))
+
+    return dataclasses.replace(pipe, unet=CompiledUNet(compiled(unet), unet.config), control_step=control_step)
 
 
 class CompiledUNet(nn.Module):
@@ -70,3 +77,16 @@ class CompiledUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
         return self.compiled(x, t, context, **extra).clone()
+
+
+class CompiledControlNet(nn.Module):
+    """A compiled ControlNet: the scale is applied outside the graph (a Python float inside would be a guard, so
+    every new scale a recompilation), and its residuals are copies, as ``CompiledUNet``'s output."""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled, self.config = compiled, compiled._orig_mod.config
+
+    def forward(self, x, t, context, image, scale: float = 1.0, **added):
+        down, mid = self.compiled(x, t, context, image, 1.0, **added)
+        return [d * scale for d in down], mid * scale

@@ -3,7 +3,10 @@ backend is checked against; the identity step."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from torch import nn
 
 IN_PLACE = True
 
@@ -15,4 +18,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def prepare(pipe, device: torch.device, **options):
     if options:
         raise ValueError(f"the torch backend takes no options (got {sorted(options)})")
-    return pipe
+    return dataclasses.replace(pipe, control_step=as_loaded)
+
+
+def as_loaded(net: nn.Module) -> nn.Module:
+    """ControlNets run as loaded, like the other networks."""
+    return net

@@ -6,7 +6,7 @@ A backend supplies one ``Runner`` per graph (``run(inputs, outputs) -> {name: te
 most rows it takes) through its ``runners(folder, manifest, device, **options)``; the classes here turn those into
 what the pipeline calls:
 ``text_encoder(ids, clip_skip)``, ``unet(x, t, context)`` (SDXL: ``text_embeds`` and ``time_ids`` too),
-``vae.encode(image, generator)`` and ``vae.decode(latents)``. Graph signatures: ``sdfast.export.onnx``.
+``vae.encode(image, generator)`` and ``vae.decode(latents)``. Graph signatures: ``sdfast.export.graphs``.
 """
 
 from __future__ import annotations
@@ -162,11 +162,12 @@ def prepare(runners: Callable, pipe, device: torch.device, *, cache: str | Path 
             opset: int | None = None, **options):
     """``pipe`` (torch, on the CPU) with its networks replaced by graphs run through ``runners`` on ``device``. The
     graphs are exported once into ``cache`` (default ``$SDFAST_CACHE/onnx``) under the weights' hash and reused."""
-    from sdfast.export import onnx as export
+    from sdfast.export.cache import cached_export
+    from sdfast.export.onnx import DEFAULT_OPSET
 
     from . import cache_dir
 
-    folder = export.cached_export(pipe, cache or cache_dir() / "onnx", opset=opset or export.DEFAULT_OPSET)
+    folder = cached_export(pipe, cache or cache_dir() / "onnx", opset=opset or DEFAULT_OPSET)
     return dataclasses.replace(pipe, **from_folder(runners, folder, device, **options))
 
 
@@ -174,7 +175,7 @@ def from_folder(runners: Callable, folder: str | Path, device: torch.device, dty
                 **options) -> dict:
     """A pipeline's fields from a folder written by ``sdfast export`` (``manifest.json``, the graphs, the tokenizer
     and the scheduler config), its graphs run through ``runners``. ``dtype``, when given, must be the export's."""
-    from sdfast.export.onnx import read_manifest
+    from sdfast.export.manifest import read_manifest
 
     folder = Path(folder)
     manifest = read_manifest(folder)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdfast.export.onnx import HAS_ONNXRUNTIME, ExportError, cuda_provider_help, ort_session
+from sdfast.export.errors import ExportError
+from sdfast.export.session import HAS_ONNXRUNTIME, cuda_provider_help, ort_session
 
 from . import exported
 

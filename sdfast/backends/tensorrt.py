@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdfast.export.tensorrt import (Engine, EngineError, Shapes, build_engines, check_shapes, check_target, covering,
-                                    device_name, find_engines, flavour, tensorrt)
+from sdfast.export.errors import EngineError
+from sdfast.export.flavour import check_target, device_name, flavour, tensorrt
+from sdfast.export.profiles import Shapes, check_shapes, covering
+from sdfast.export.tensorrt import Engine, build_engines, find_engines
 
 from ..files import write_atomically
 from ..models import image_side

@@ -116,7 +116,8 @@ def use_kernels(net: nn.Module, autotune: str = "quick") -> nn.Module:
 
 class CudaGraphUNet(nn.Module):
     """``unet(x, t, context, **extra)`` replayed from CUDA graphs, one captured per set of input shapes and dtypes
-    (``extra``: the SDXL U-Net's ``text_embeds`` / ``time_ids``; None ones are left out).
+    (``extra``: the SDXL U-Net's ``text_embeds`` / ``time_ids``, ControlNet's ``down_residuals`` (a list) and
+    ``mid_residual``; None ones are left out).
 
     A call copies its inputs into the graph's static buffers, replays, and returns a copy of the static output (so
     the next call cannot overwrite a result still in use). ``t`` is kept as fp32 (B,), as the U-Net reads it.
@@ -134,7 +135,12 @@ class CudaGraphUNet(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
-        inputs = {"x": x, "t": t, "context": context, **{k: v for k, v in extra.items() if v is not None}}
+        inputs = {"x": x, "t": t, "context": context}
+        for name, value in extra.items():  # ControlNet's down_residuals list: one static buffer per tensor
+            if isinstance(value, (list, tuple)):
+                inputs.update({f"{name}.{i}": v for i, v in enumerate(value)})
+            elif value is not None:
+                inputs[name] = value
         key = tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items())
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
@@ -147,17 +153,24 @@ class CudaGraphUNet(nn.Module):
     def _capture(self, inputs: dict[str, torch.Tensor]):
         static = {name: v.clone() for name, v in inputs.items()}
         static["t"] = static["t"].to(torch.float32)
-        x, t, context = static.pop("x"), static.pop("t"), static.pop("context")
+        extra: dict[str, object] = {}
+        for name, v in static.items():
+            base, dot, _ = name.partition(".")
+            if dot:  # down_residuals.0, .1, ...: the list again, in order
+                extra.setdefault(base, []).append(v)
+            elif name not in ("x", "t", "context"):
+                extra[name] = v
+        x, t, context = static["x"], static["t"], static["context"]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph: autotuning, cuDNN plans, lazy allocations
             for _ in range(2):
-                self.unet(x, t, context, **static)
+                self.unet(x, t, context, **extra)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.unet(x, t, context, **static)  # (B, C, h, w), lives in the graph's private pool
-        return graph, {"x": x, "t": t, "context": context, **static}, out
+            out = self.unet(x, t, context, **extra)  # (B, C, h, w), lives in the graph's private pool
+        return graph, static, out
 
 
 IN_PLACE = True  # converts the torch modules, which load() builds on the target device
@@ -184,8 +197,14 @@ def prepare(pipe, device: torch.device | None = None, **options):
         raise ValueError(f"the triton backend runs on a CUDA GPU, not {pipe.device}: load with device='cuda' "
                          "(on a CPU, TRITON_INTERPRET=1 runs its kernels in Triton's slow interpreter, for tests)")
     for net in (pipe.unet, pipe.vae):
-        prepare_modules(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
-        if opts.kernels:
-            use_kernels(net, opts.autotune)
+        convert(net, opts)
     unet = CudaGraphUNet(pipe.unet) if opts.cuda_graph and pipe.device.type == "cuda" else pipe.unet
-    return dataclasses.replace(pipe, unet=unet)
+    return dataclasses.replace(pipe, unet=unet, control_step=functools.partial(convert, opts=opts))
+
+
+def convert(net: nn.Module, opts: TritonOptions) -> nn.Module:
+    """``net`` (a U-Net, VAE or ControlNet) with the backend's module changes and, unless ``opts.kernels`` is off,
+    the Triton kernels at its seams (in place). A ControlNet runs outside the U-Net's CUDA graph, whose inputs its
+    residuals are."""
+    prepare_modules(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
+    return use_kernels(net, opts.autotune) if opts.kernels else net

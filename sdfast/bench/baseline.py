@@ -25,6 +25,7 @@ import torch
 from ..checkpoint import read_json
 from ..models import UNetConfig
 from ..timing import Recorder, Timings
+from .control import control_map
 
 HAS_DIFFUSERS = all(importlib.util.find_spec(m) is not None for m in ("diffusers", "transformers"))
 
@@ -46,7 +47,7 @@ class DiffusersBaseline:
     """``generate(...) -> Timings`` over diffusers' pipeline loaded from a diffusers folder."""
 
     def __init__(self, model: Path, device: torch.device, dtype: torch.dtype, scheduler: str, *,
-                 compile_mode: str | None = None, compiler: str | None = None):
+                 compile_mode: str | None = None, compiler: str | None = None, controlnet: Path | None = None):
         if not HAS_DIFFUSERS:
             raise ValueError('the diffusers baseline needs diffusers and transformers: pip install "sdfast[bench]" '
                              "(or run without the baseline: --no-baseline)")
@@ -56,11 +57,17 @@ class DiffusersBaseline:
         import diffusers
 
         self.device = device
-        if _is_xl(Path(model)):  # no invisible watermark: sdfast adds none, so it would be time for nothing
-            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype, add_watermarker=False)
+        xl = _is_xl(Path(model))
+        extra = {"controlnet": diffusers.ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)} \
+            if controlnet is not None else {}
+        if xl:  # no invisible watermark: sdfast adds none, so it would be time for nothing
+            cls = diffusers.StableDiffusionXLControlNetPipeline if extra else diffusers.StableDiffusionXLPipeline
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, add_watermarker=False, **extra)
         else:
-            pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
-                                                                     requires_safety_checker=False)
+            cls = diffusers.StableDiffusionControlNetPipeline if extra else diffusers.StableDiffusionPipeline
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                                       **extra)
+        self.controlled = controlnet is not None
         name, switches = DIFFUSERS_SCHEDULERS[scheduler]
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **switches)
         pipe.set_progress_bar_config(disable=True)
@@ -82,12 +89,14 @@ class DiffusersBaseline:
                  batch_size: int) -> Timings:
         self.recorder = Recorder(self.device)
         self._open.clear()
+        extra = {"image": control_map(width, height)} if self.controlled else {}
         with self.recorder.span("total"):
             # no negative prompt, as sdfast's runs: both encode "" for SD 1.x / 2.x, and give zero embeddings
             # where an SDXL model says force_zeros_for_empty_prompt
             self.pipe(prompt, negative_prompt=None, width=width, height=height, num_inference_steps=steps,
                       guidance_scale=guidance_scale, num_images_per_prompt=batch_size,
-                      generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=self._step_end)
+                      generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=self._step_end,
+                      **extra)
         return Timings.from_spans(self.recorder.resolve(), self.device)
 
     # -- the hooks: a span opens in one callback and closes in another --

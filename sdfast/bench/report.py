@@ -163,7 +163,9 @@ def markdown(report: dict) -> str:
         f"# sdfast bench: {report['model']['label']} on {env['gpu'] or env['cpu']}",
         "",
         f"{s['steps']} steps of {s['scheduler']}, {s['dtype']}, guidance {s['guidance_scale']}, {s['warmup']} warm-up "
-        f"and {s['repeat']} timed generations per configuration; {report['created']}.",
+        f"and {s['repeat']} timed generations per configuration; {report['created']}."
+        + (" Every row runs one ControlNet (diffusers: its ControlNet pipeline); sdfast's U-Net call includes it, "
+           "diffusers' does not: compare the denoising step." if s.get("controlnet") else ""),
         f"Device: {env['device']}" + (f", driver {env['driver']}, CUDA {env['cuda']}" if env["gpu"] else "")
         + f". {versions}.",
         "U-Net FLOPs are counted from its shapes (convolutions and matrix products, attention included); peak: "

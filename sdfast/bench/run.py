@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import WeightFile, read_json
+from ..checkpoint import read_json
+from ..weight_files import WeightFile
 from ..infer_config import infer_configs
 from ..models import image_side
 from ..schedulers import SCHEDULERS
 from ..timing import Timings, latency_stats
+from ..control import Control
+from . import control
 from .baseline import DiffusersBaseline
 from .env import Peak, device_peak, environment, measure_matmul
 from .flops import unet_flops
@@ -60,6 +63,7 @@ class Settings:
     peak: str = "datasheet"  # the fraction of peak against: "datasheet" (sdfast.bench.env.PEAKS), "measure" (a
     # large matmul in the run's dtype, timed at the start of the run), or a number in TFLOP/s measured earlier
     lora_rank: int = 0  # > 0: also time a random LoRA of this rank being applied, rescaled and removed (per backend)
+    controlnet: bool = False  # every row (the baseline's too) with one ControlNet (sdfast.bench.control)
     prompt: str = "a photograph of an astronaut riding a horse"
     guidance_scale: float = 7.5
     seed: int = 0
@@ -150,7 +154,7 @@ def native_size(model: Path) -> tuple[int, int]:
 class _Sdfast:
     """An sdfast pipeline on one backend, with the baseline's ``generate -> Timings`` signature."""
 
-    def __init__(self, spec: str, model: Path, settings: Settings, sizes):
+    def __init__(self, spec: str, model: Path, settings: Settings, sizes, controlnet: Path | None = None):
         import sdfast
 
         backend, options = parse_backend(spec)
@@ -168,8 +172,13 @@ class _Sdfast:
         self.unet_config = self.pipe.unet.config
         self.vae_scale_factor = self.pipe.vae_scale_factor
         self.scheduler = settings.scheduler
+        if controlnet is not None:
+            self.pipe.controlnets.load(controlnet, control.NAME)
+        self.controlled = controlnet is not None
 
     def generate(self, prompt: str, **kwargs) -> Timings:
+        if self.controlled:
+            kwargs["controls"] = [Control(control.NAME, control.control_map(kwargs["width"], kwargs["height"]))]
         return self.pipe.generate(prompt, scheduler=self.scheduler, **kwargs).timings
 
 
@@ -241,7 +250,8 @@ def _measure(runner, settings: Settings, width: int, height: int, batch: int, ba
     }
 
 
-def _bench_backend(backend: str, model: Path, settings: Settings, sizes, bar: tqdm) -> list[dict]:
+def _bench_backend(backend: str, model: Path, settings: Settings, sizes, bar: tqdm,
+                   controlnet: Path | None = None) -> list[dict]:
     configs = [(w, h, b) for w, h in sizes for b in settings.batches]
     bar.set_postfix_str(f"{backend}: loading")
     start = time.perf_counter()
@@ -250,9 +260,9 @@ def _bench_backend(backend: str, model: Path, settings: Settings, sizes, bar: tq
             compiled = backend == COMPILED_BASELINE
             runner = DiffusersBaseline(model, torch.device(settings.device), DTYPES[settings.dtype],
                                        settings.scheduler, compile_mode=settings.compile_mode if compiled else None,
-                                       compiler=settings.compiler if compiled else None)
+                                       compiler=settings.compiler if compiled else None, controlnet=controlnet)
         else:
-            runner = _Sdfast(backend, model, settings, sizes)
+            runner = _Sdfast(backend, model, settings, sizes, controlnet)
     except Exception as e:  # unknown, not installed, no GPU, cannot export or build: this backend is skipped
         bar.update(len(configs) * (settings.warmup + settings.repeat))
         return [{"backend": backend, "width": w, "height": h, "batch": b, "status": "skipped", "reason": _reason(e)}
@@ -336,6 +346,7 @@ def run(model: str | Path, settings: Settings, *, label: str | None = None, comm
                                                                else []) + list(settings.backends))
     calls = len(backends) * len(sizes) * len(settings.batches) * (settings.warmup + settings.repeat)
     rows = []
+    controlnet = control.random_controlnet(model, settings.seed) if settings.controlnet else None
 
     def report(complete: bool) -> dict:
         add_speedups(rows, peak)
@@ -353,7 +364,7 @@ def run(model: str | Path, settings: Settings, *, label: str | None = None, comm
 
     with tqdm(total=calls, desc="bench", unit="generation", file=sys.stderr, disable=not progress) as bar:
         for backend in backends:
-            rows += _bench_backend(backend, model, settings, sizes, bar)
+            rows += _bench_backend(backend, model, settings, sizes, bar, controlnet)
             if on_rows is not None and backend != backends[-1]:
                 on_rows(report(complete=False))
     return report(complete=True)

@@ -3,6 +3,7 @@
 | module | commands |
 |---|---|
 | ``images`` | ``generate``, ``img2img``, ``interpolate`` |
+| ``noise`` | ``noise`` |
 | ``deploy`` | ``export``, ``build`` |
 | ``serve`` | ``serve`` |
 | ``bench`` | ``bench`` |
@@ -16,13 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, deploy, images, serve
+from . import bench, deploy, images, noise, serve
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdfast", description="Fast, measured Stable Diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (images, deploy, serve, bench):
+    for group in (images, noise, deploy, serve, bench):
         group.add_parsers(sub)
     return parser
 

@@ -49,6 +49,9 @@ def add_parsers(sub) -> None:
                        "published dense fp16 rate), measure (a matmul timed at the start), or TFLOP/s")
     bench.add_argument("--lora-rank", type=int, default=0,
                        help="also time applying / removing a random LoRA of this rank on each backend (e.g. 64)")
+    bench.add_argument("--controlnet", action="store_true",
+                       help="every row with one ControlNet (a random copy of the U-Net's encoder), the baseline "
+                       "with diffusers' ControlNet pipeline")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", type=Path, default=Path("bench.json"),
                        help="the JSON report; the markdown table (.md) and the chart (.png) are written beside it")
@@ -89,7 +92,8 @@ def run_bench(args) -> int:
         scheduler=args.scheduler, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
         device=device, warmup=args.warmup, repeat=args.repeat, baseline=not args.no_baseline, seed=args.seed,
         compiled_baseline=args.compiled_baseline, compile_mode=args.compile_mode, compiler=args.compiler,
-        peak=args.peak, lora_rank=args.lora_rank)
+        peak=args.peak, lora_rank=args.lora_rank,
+        controlnet=args.controlnet)
     settings.check()
     if args.arch:
         preset(args.arch)  # an unknown name fails before anything is written

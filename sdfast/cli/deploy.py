@@ -3,6 +3,7 @@ see ``sdfast.export``."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from pathlib import Path
 def add_parsers(sub) -> None:
     exp = sub.add_parser("export", help="ONNX graphs of the three networks, checked on ONNX Runtime")
     exp.set_defaults(handler=run_export)
-    exp.add_argument("model", help="diffusers folder or original-layout .safetensors/.ckpt")
+    exp.add_argument("model", nargs="?", default=os.environ.get("SDFAST_MODEL"),
+                     help="diffusers folder or original-layout .safetensors/.ckpt (default: $SDFAST_MODEL, else the "
+                          "shapes model that ships with sdfast, as for generate)")
     exp.add_argument("-o", "--output", type=Path, required=True, help="folder for the graphs and manifest.json")
     exp.add_argument("--dtype", default="fp32", help="fp32 or fp16 graphs (default fp32)")
     exp.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: GroupNormalization)")
@@ -33,16 +36,17 @@ def add_parsers(sub) -> None:
 
 def run_export(args) -> None:
     import sdfast
-    from sdfast.export.onnx import export_pipeline, peak_rss
+    from sdfast.export.memory import peak_rss
+    from sdfast.export.onnx import export_pipeline
 
     if args.dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype {args.dtype}: ONNX export writes fp32 or fp16 graphs")
-    if not Path(args.model).exists():
+    if args.model and not Path(args.model).exists():
         raise ValueError(f"model {args.model} does not exist")
     start = time.perf_counter()
-    pipe = sdfast.load(args.model, device="cpu", dtype=args.dtype)
+    pipe = sdfast.load(args.model or None, device="cpu", dtype=args.dtype)
     if peak_rss():  # the rest of the command's peak is on each network's line
-        print(f"{args.model} loaded in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss() / 2**30:.1f} GiB")
+        print(f"{args.model or 'the shipped model'} loaded in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss() / 2**30:.1f} GiB")
     manifest = export_pipeline(pipe, args.output, opset=args.opset, check_graphs=args.check, log=print)
     if args.check:
         checks = {name: net["check"] for name, net in manifest["networks"].items()}
@@ -59,8 +63,10 @@ def run_export(args) -> None:
 
 
 def run_build(args) -> None:
-    from sdfast.export.onnx import read_manifest
-    from sdfast.export.tensorrt import Shapes, build_engines, flavour, gpu
+    from sdfast.export.flavour import flavour, gpu
+    from sdfast.export.manifest import read_manifest
+    from sdfast.export.profiles import Shapes
+    from sdfast.export.tensorrt import build_engines
 
     from ..models import image_side
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..control.preprocess import PREPROCESSORS
 from ..files import write_atomically
 from ..tokenizer import PromptTruncated
 
@@ -31,6 +32,13 @@ def add_parsers(sub) -> None:
     common.add_argument("--preview-decode", default="auto", help="with --previews: linear (cheap; SD and SDXL VAEs), "
                         "vae (a full decode) or auto (linear where the model's VAE has a map, else vae)")
     common.add_argument("--timings", type=Path, default=None, help="write the per-step timings as JSON here")
+    common.add_argument("--control", action="append", default=[], type=control_arg,
+                        metavar="MODEL:IMAGE[:SCALE[:START:END]]",
+                        help="steer the picture with a ControlNet (a diffusers folder or an original file) reading "
+                             "IMAGE, at SCALE (default 1) over the START..END fraction of the steps (default 0..1); "
+                             "repeatable")
+    common.add_argument("--preprocess", default=None, choices=PREPROCESSORS,
+                        help="make each --control IMAGE into this map first (canny: edges; needs sdfast[control])")
     common.add_argument("--backend", default="torch", help="torch, triton, compile, onnxruntime or tensorrt "
                         "(for the last two --model may be a folder written by `sdfast export`)")
 
@@ -80,7 +88,8 @@ FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width"
          "size": "--width/--height", "steps": "--steps", "guidance_scale": "--guidance", "scheduler": "--scheduler",
          "seed": "--seed", "batch_size": "--batch", "clip_skip": "--clip-skip", "strength": "--strength",
          "image": "IMAGE", "preview_every": "--preview-every", "long_prompts": "--long-prompts",
-         "preview_decode": "--preview-decode", "loras": "--lora", "device": "--device"}
+         "preview_decode": "--preview-decode", "loras": "--lora", "device": "--device", "controls": "--control",
+         "timesteps": "--timesteps"}
 
 
 def _request(args, callback=None):
@@ -97,7 +106,41 @@ def _request(args, callback=None):
                          image=args.image if args.command == "img2img" else None,
                          strength=getattr(args, "strength", 0.8),
                          preview_every=args.preview_every if args.previews else 0,
-                         preview_decode=args.preview_decode, callback=callback)
+                         preview_decode=args.preview_decode, callback=callback, controls=_controls(args))
+
+
+def _controls(args) -> list:
+    """``--control`` as the request's controls, each ControlNet named by its path (loaded after the request is
+    checked); ``--preprocess`` turns each image into its map."""
+    from ..control import Control
+    from ..control.preprocess import preprocess
+    from ..request import RequestError, read_image
+
+    controls = []
+    for i, (model, image, scale, start, end) in enumerate(args.control):
+        if args.preprocess:
+            try:
+                image = preprocess(args.preprocess, read_image(image))
+            except RequestError as e:
+                raise RequestError(f"controls[{i}].image", e.value, e.rule) from None
+        controls.append(Control(str(model), image, scale, start, end))
+    return controls
+
+
+def control_arg(text: str) -> tuple[Path, Path, float, float, float]:
+    """``MODEL:IMAGE[:SCALE[:START:END]]`` -> (model, image, scale, start, end); the numbers are checked with the
+    request."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3, 5) or not all(parts[:2]):
+        raise argparse.ArgumentTypeError(f"{text!r}: need MODEL:IMAGE, MODEL:IMAGE:SCALE or "
+                                         "MODEL:IMAGE:SCALE:START:END, e.g. canny:edges.png:0.8:0:0.6")
+    try:
+        numbers = [float(x) for x in parts[2:]]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: SCALE, START and END must be numbers, e.g. "
+                                         "canny:edges.png:0.8:0:0.6") from None
+    scale, start, end = [*numbers, *[1.0, 0.0, 1.0][len(numbers):]]
+    return Path(parts[0]), Path(parts[1]), scale, start, end
 
 
 def lora_arg(text: str) -> tuple[Path, float]:
@@ -144,6 +187,9 @@ def _check_args(args) -> None:
     for path, _ in args.lora:
         if not path.is_file():
             raise ValueError(f"--lora {path}: no such file")
+    for model, *_ in getattr(args, "control", []):
+        if not model.exists():
+            raise ValueError(f"--control {model}: no such ControlNet folder or file")
 
 
 def load_loras(pipe, loras: list[tuple[Path, float]]) -> None:
@@ -175,6 +221,8 @@ def run(args) -> None:
     dtype = args.dtype or (None if exported else "fp16" if device.startswith("cuda") else "fp32")
     pipe = sdfast.load(args.model or None, device=device, dtype=dtype, backend=getattr(args, "backend", "torch"))
     load_loras(pipe, args.lora)
+    for model in dict.fromkeys(str(model) for model, *_ in getattr(args, "control", [])):
+        pipe.controlnets.load(model, name=model)
     if args.command == "interpolate":
         run_interpolate(pipe, args)
         return

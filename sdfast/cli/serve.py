@@ -26,6 +26,11 @@ def add_parsers(sub) -> None:
     srv.add_argument("--lora-dir", default=None, help="folder of .safetensors LoRAs requests may name by file stem "
                      '({"loras": {"NAME": SCALE}})')
     srv.add_argument("--max-loaded-loras", type=int, default=8, help="LoRAs each replica keeps loaded")
+    srv.add_argument("--controlnet-dir", default=None, help="folder of ControlNets requests may name (diffusers "
+                     'sub-folders by name, .safetensors / .pth files by stem: {"controls": [{"model": "NAME", '
+                     '"image": BASE64}]}); each replica loads them all at start')
+    srv.add_argument("--max-controlnets", type=int, default=8, help="refuse a --controlnet-dir holding more "
+                     "(every replica holds each one on its device)")
 
 
 def run_serve(args) -> None:
@@ -41,7 +46,8 @@ def run_serve(args) -> None:
     options = ServeOptions(model=args.model, backend=args.backend, replicas=args.replicas, host=args.host,
                            port=args.port, gpus=args.gpus, dtype=args.dtype, max_batch=args.max_batch,
                            batch_wait_s=args.batch_wait_ms / 1e3, max_queued_requests=args.max_queued,
-                           lora_dir=args.lora_dir, max_loaded_loras=args.max_loaded_loras)
+                           lora_dir=args.lora_dir, max_loaded_loras=args.max_loaded_loras,
+                           controlnet_dir=args.controlnet_dir, max_controlnets=args.max_controlnets)
     from ray import serve
 
     from ..serve.app import APP_NAME, start

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint import CheckpointError, WeightFile
+from ..weight_files import CheckpointError, WeightFile
 from ..layouts import UNET_PREFIX, original_rules
 
 

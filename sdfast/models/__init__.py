@@ -1,7 +1,8 @@
 """The three networks of Stable Diffusion in lean PyTorch, with diffusers / transformers parameter names."""
 
 from .clip import CLIPTextConfig, CLIPTextModel
-from .unet import UNet, UNetConfig
+from .unet import UNet
+from .unet_config import UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "UNet", "UNetConfig", "AutoencoderKL", "VAEConfig", "image_side"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from .layers import Attention, GroupNorm
 from .unet import ResnetBlock, Upsample  # the same nearest-neighbour x2 + 3x3 conv in both networks
-from .unet import _conv, _linear, _resnet  # weight counts of the same layers
+from .unet_config import _conv, _linear, _resnet  # weight counts of the same layers
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ through a handle. Ray Serve's router keeps each replica's queue bounded
 with ``Retry-After``. When a replica dies mid-request, the controller starts a new one and the front retries the
 request once on another replica, with the same seed, so the client gets the same image or a clear error.
 
-Each replica owns one GPU (``num_gpus=1``) where the cluster has GPUs, else CPU cores, loads the model once and
-draws a warm-up image at batch 1 and at its largest batch before Ray Serve sends it traffic.
+Each replica owns one GPU (``num_gpus=1``) where the cluster has GPUs, else CPU cores, loads the model and the
+offered ControlNets once and draws a warm-up image at batch 1 and at its largest batch (and one more through every
+ControlNet) before Ray Serve sends it traffic.
 """
 
 import asyncio
 import base64
+import copy
 import dataclasses
 import hmac
 import threading
@@ -25,16 +27,19 @@ from pathlib import Path
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+from ..control import Control
 from ..request import ModelFacts
+from . import controlnets
 from .batching import Cancelled, Generated, engine_max_batch, generate_batch, pipeline_limits
-from .options import ServeOptions, is_loopback
 from .loras import LoRACache, listing
-from .requests import GenerationRequest, RequestError, parse_request
+from .options import ServeOptions, is_loopback
+from .requests import GenerationRequest, RequestError, body_schema, parse_request
 
 APP_NAME = "sdfast"
 MAX_BATCH_QUEUES = 64  # distinct shapes with their own batch queue per replica; further shapes run unbatched
@@ -69,6 +74,8 @@ class PipelineReplica:
                                 dtype=opts.dtype or ("fp16" if cuda else "fp32"), backend=opts.backend)
         self.size = (self.pipe.default_size, self.pipe.default_size)
         self.loras = LoRACache(self.pipe, listing(opts.lora_dir), opts.max_loaded_loras)
+        for name, path in controlnets.listing(opts.controlnet_dir, opts.max_controlnets).items():
+            self.pipe.controlnets.load(path, name)  # all of them, now: see sdfast.serve.controlnets
         self.max_batch = min(opts.max_batch, engine_max_batch(self.pipe) or opts.max_batch)
         self.limits = pipeline_limits(opts.limits, self.max_batch)
         self.batch_wait_s = opts.batch_wait_s
@@ -76,15 +83,20 @@ class PipelineReplica:
         self.queues: dict[tuple, object] = {}
         self.where = {"replica": serve.get_replica_context().replica_id.to_full_id_str(),  # its actor name
                       "node": ray.get_runtime_context().get_node_id()}
+        grey = Image.new("RGB", self.size, (128, 128, 128))
+        every = tuple(Control(name, grey) for name in self.pipe.controlnets.names)
         for n in sorted({1, self.max_batch}):  # engines, kernels and allocator warm for both batch sizes
-            warm = GenerationRequest("warm-up", "", opts.warmup_steps, 7.5, *self.size, 0, "euler", n, "json")
-            generate_batch(self.pipe, [warm], limits=self.limits)
+            for controls in [()] + [every] * bool(every):  # and each ControlNet (compile compiles it at first use)
+                warm = GenerationRequest("warm-up", "", opts.warmup_steps, 7.5, *self.size, 0, "euler", n, "json",
+                                         controls=controls)
+                generate_batch(self.pipe, [warm], limits=self.limits)
 
     def info(self) -> dict:
         """What the front shows clients (/v1/models) and, in ``facts``, what it checks their requests against."""
         return {"width": self.size[0], "height": self.size[1], "max_batch": self.max_batch,
                 "device": str(self.pipe.device), "dtype": str(self.pipe.dtype).removeprefix("torch."),
-                "facts": dataclasses.asdict(self.pipe.facts), "loras": sorted(self.loras.files)}
+                "facts": dataclasses.asdict(self.pipe.facts), "loras": sorted(self.loras.files),
+                "controlnets": sorted(self.pipe.controlnets.names)}
 
     async def generate(self, request: GenerationRequest, deadline: float | None = None) -> dict:
         """``deadline`` (``time.time()``): when the caller stops waiting. Past it, or once the caller cancels
@@ -158,7 +170,11 @@ class Front:
     async def openapi(self, request: Request):
         if (denied := self._denied(request)) is not None:
             return denied
-        return request.app.openapi()
+        schema = copy.deepcopy(request.app.openapi())  # FastAPI's, cached: each front adds the bodies at its limits
+        for kind in ("txt2img", "img2img"):
+            schema["paths"][f"/v1/{kind}"]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": body_schema(kind, self.options.limits)}}}
+        return schema
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -187,7 +203,7 @@ class Front:
             body = await self._body(request)
             info = await self._model_info()
             req = parse_request(body, kind, self.options.limits, self.model_id, ModelFacts(**info["facts"]),
-                                frozenset(info["loras"]))
+                                frozenset(info["loras"]), frozenset(info["controlnets"]))
         except RequestError as e:
             return _error(e.status, str(e), self.options.retry_after_s if e.status == 503 else None)
         for attempt in (1, 2):

@@ -1,10 +1,10 @@
 """Several same-shape requests through one ``Pipeline.generate`` call, each still painting its own seed's picture.
 
 A batch is only formed from requests whose ``GenerationRequest.batch_key()`` is equal (size, steps, scheduler,
-guidance). Each request's initial noise is drawn exactly as ``generate`` draws it for that request alone (a fresh
-CPU generator seeded with its seed), and the batch is handed that noise as ``latents``; with deterministic
-schedulers the batched images therefore equal the unbatched ones, up to the last bit of float arithmetic that a
-different batch size may change.
+guidance, LoRAs, controls). Each request's initial noise is drawn exactly as ``generate`` draws it for that request
+alone (a fresh CPU generator seeded with its seed), and the batch is handed that noise as ``latents``; with
+deterministic schedulers the batched images therefore equal the unbatched ones, up to the last bit of float
+arithmetic that a different batch size may change.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], b
         result = pipe.generate(first.prompt, first.negative_prompt, width=first.width, height=first.height,
                                steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
                                seed=first.seed, batch_size=first.n, image=first.image, strength=first.strength,
-                               callback=hook, limits=limits, loras=dict(first.loras))
+                               callback=hook, limits=limits, loras=dict(first.loras), controls=list(first.controls))
         return [Generated(_pngs(result.images), result.seed, timing_summary(result.timings), first.n)]
     keys = {r.batch_key() for r in requests}
     if len(keys) != 1 or None in keys:
@@ -81,7 +81,8 @@ def generate_batch(pipe, requests: list[GenerationRequest], stop: Callable[[], b
     latents = torch.cat([pipe.initial_noise(r.seed, r.width, r.height, r.n) for r in requests])
     result = pipe.generate(prompts, negatives, width=first.width, height=first.height, steps=first.steps,
                            guidance_scale=first.guidance, scheduler=first.scheduler, seed=first.seed,
-                           latents=latents, callback=hook, limits=limits, loras=dict(first.loras))
+                           latents=latents, callback=hook, limits=limits, loras=dict(first.loras),
+                           controls=list(first.controls))  # equal keys: every request's controls are these
     timings, pngs, out, start = timing_summary(result.timings), _pngs(result.images), [], 0
     for r in requests:
         out.append(Generated(pngs[start:start + r.n], r.seed, timings, len(prompts)))

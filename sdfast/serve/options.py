@@ -9,12 +9,13 @@ import ipaddress
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from .loras import listing
+from . import controlnets, loras
 from .requests import Limits
 
 API_KEY_ENV = "SDFAST_API_KEY"
 # A public bind refuses shorter keys: placeholders that configs ship ("change-me", "secret") and words are guessed.
 MIN_PUBLIC_KEY_CHARS = 16
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")  # run exported graphs: no ControlNets (Pipeline.control_step None)
 
 
 @dataclass
@@ -47,6 +48,10 @@ class ServeOptions:
     warmup_steps: int = 2  # steps of the warm-up image each replica draws before it takes traffic
     lora_dir: str | None = None  # a folder of .safetensors LoRAs requests may name (by file stem, never a path)
     max_loaded_loras: int = 8  # per replica: each holds its factors and a copy of the base weights it touches
+    # a folder of ControlNets requests may name (diffusers sub-folders, .safetensors / .pth files; by name, never a
+    # path); each replica loads them all at start (see sdfast.serve.controlnets)
+    controlnet_dir: str | None = None
+    max_controlnets: int = 8  # a larger folder is refused: each replica holds every one (SD 1.5's: 0.72 GB in fp16)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
@@ -84,7 +89,12 @@ class ServeOptions:
             raise ValueError(f"max_loaded_loras={self.max_loaded_loras} is below limits.max_loras="
                              f"{self.limits.max_loras}: a request naming that many could never run")
         if self.lora_dir is not None:
-            listing(self.lora_dir)  # a missing folder fails here, before any replica starts
+            loras.listing(self.lora_dir)  # a missing folder fails here, before any replica starts
+        if self.controlnet_dir is not None:
+            controlnets.listing(self.controlnet_dir, self.max_controlnets)  # as lora_dir; also too many, or clashes
+            if self.backend in EXPORTED_BACKENDS:
+                raise ValueError(f"controlnet_dir with backend={self.backend}: its exported U-Net takes no ControlNet "
+                                 "residuals; serve with backend torch, triton or compile")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests={self.max_queued_requests}: need >= 0 (a bounded queue)")
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()

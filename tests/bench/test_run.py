@@ -242,3 +242,25 @@ def test_device_peaks():
     assert device_peak("NVIDIA H100 80GB HBM3", torch.float32) is None  # no fp16 tensor peak
     assert device_peak("NVIDIA L40S", torch.float16).tflops == 362.05
     assert device_peak(None, torch.float16) is None  # a CPU
+
+
+def test_controlnet_rows_run_it_on_both_sides(sd1, monkeypatch):
+    """--controlnet: the baseline runs diffusers' ControlNet pipeline and sdfast its ControlNet, on every step;
+    the markdown says to compare steps (sdfast's U-Net call holds the ControlNet, diffusers' does not)."""
+    from diffusers import ControlNetModel
+
+    from sdfast.models.controlnet import ControlNet
+
+    calls = {"diffusers": 0, "sdfast": 0}
+    for cls, side in ((ControlNetModel, "diffusers"), (ControlNet, "sdfast")):
+        def counted(self, *args, _forward=cls.forward, _side=side, **kwargs):
+            calls[_side] += 1
+            return _forward(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", counted)
+    settings = Settings(backends=("torch",), steps=2, device="cpu", dtype="fp32", warmup=0, repeat=1,
+                        controlnet=True)
+    result = run(sd1.path, settings, progress=False)
+    jsonschema.validate(result, report.SCHEMA)
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+    assert calls == {"diffusers": 2, "sdfast": 2}  # one per step (guided: one call on the doubled batch)
+    assert "Every row runs one ControlNet" in report.markdown(result)

@@ -20,8 +20,14 @@ from conftest import rel_err
 onnx = pytest.importorskip("onnx", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 
 import sdfast  # noqa: E402
-from sdfast.export import onnx as export  # noqa: E402
+from sdfast.export import cache as onnx_cache  # noqa: E402
+from sdfast.export import files  # noqa: E402
 from sdfast.export import tensorrt as trt  # noqa: E402
+from sdfast.export.errors import ExportError  # noqa: E402
+from sdfast.export.flavour import HAS_TENSORRT  # noqa: E402
+from sdfast.export.manifest import FORMAT, read_manifest, weights_hash  # noqa: E402
+from sdfast.export.onnx import DEFAULT_OPSET  # noqa: E402
+from sdfast.export.profiles import Shapes, profiles  # noqa: E402
 
 LATENT_TOL = 1e-4
 NO_ENGINES = shutil.ignore_patterns("engines", "*.lock")
@@ -50,7 +56,7 @@ def reexport(sd1_onnx, monkeypatch) -> list[Path]:
         shutil.copytree(sd1_onnx.folder, folder, ignore=NO_ENGINES, dirs_exist_ok=True)
         return json.loads((Path(folder) / "manifest.json").read_text())
 
-    monkeypatch.setattr(export, "export_pipeline", copy)
+    monkeypatch.setattr(onnx_cache, "export_pipeline", copy)
     return calls
 
 
@@ -73,7 +79,7 @@ def test_a_verified_entry_is_used_as_it_is(cache, sd1_onnx, reexport):
     folder = entry(cache)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert export.cached_export(sd1_onnx.torch, cache) == folder
+        assert onnx_cache.cached_export(sd1_onnx.torch, cache) == folder
     assert reexport == []
 
 
@@ -84,10 +90,10 @@ def test_a_changed_graph_in_the_cache_is_exported_again_with_a_warning(cache, sd
     message = (rf"cached ONNX export {folder} is unusable \(.*unet.onnx: the sha256 of unet.onnx is not the one "
                r"manifest.json recorded .*\); exporting it again")
     with pytest.warns(RuntimeWarning, match=message):
-        assert export.cached_export(sd1_onnx.torch, cache) == folder
+        assert onnx_cache.cached_export(sd1_onnx.torch, cache) == folder
     assert len(reexport) == 1
     assert (folder / "unet.onnx").read_bytes() == (sd1_onnx.folder / "unet.onnx").read_bytes()
-    export.read_manifest(folder)  # verifies
+    read_manifest(folder)  # verifies
     assert leftovers(cache) == []
 
 
@@ -99,22 +105,22 @@ def test_a_truncated_graph_in_the_cache_is_exported_again(cache, sd1_onnx, reexp
     graph.write_bytes(graph.read_bytes()[: size // 2])
     with pytest.warns(RuntimeWarning, match=rf"vae_decoder.onnx holds {size // 2:,} bytes, not the {size:,} that "
                                             r"manifest.json recorded \(truncated"):
-        export.cached_export(sd1_onnx.torch, cache)
+        onnx_cache.cached_export(sd1_onnx.torch, cache)
     assert len(reexport) == 1 and graph.stat().st_size == size
 
 
 @pytest.mark.parametrize("damage, said", [
     (lambda f: (f / "manifest.json").write_text("{"), r"manifest.json is not valid JSON"),
     (lambda f: (f / "manifest.json").unlink(), r"has no manifest.json"),
-    (lambda f: (f / "manifest.json").write_text(json.dumps({"format": export.FORMAT, "networks": [1]})),
+    (lambda f: (f / "manifest.json").write_text(json.dumps({"format": FORMAT, "networks": [1]})),
      r"manifest.json is malformed"),
     (lambda f: (f / "text_encoder.onnx").unlink(), r"text_encoder.onnx is missing"),
 ])
 def test_an_unreadable_entry_is_exported_again(cache, sd1_onnx, reexport, damage, said):
     damage(entry(cache))
     with pytest.warns(RuntimeWarning, match=said):
-        folder = export.cached_export(sd1_onnx.torch, cache)
-    assert len(reexport) == 1 and export.read_manifest(folder)["networks"]
+        folder = onnx_cache.cached_export(sd1_onnx.torch, cache)
+    assert len(reexport) == 1 and read_manifest(folder)["networks"]
 
 
 def test_an_entry_still_corrupt_after_the_new_export_is_an_error(cache, sd1_onnx, monkeypatch):
@@ -125,47 +131,47 @@ def test_an_entry_still_corrupt_after_the_new_export_is_an_error(cache, sd1_onnx
         shutil.copytree(sd1_onnx.folder, out, ignore=NO_ENGINES, dirs_exist_ok=True)
         (Path(out) / "unet.onnx").write_bytes(b"\x00" * 100)
 
-    monkeypatch.setattr(export, "export_pipeline", broken)
+    monkeypatch.setattr(onnx_cache, "export_pipeline", broken)
     with pytest.warns(RuntimeWarning, match="exporting it again"), \
-            pytest.raises(export.ExportError, match=rf"the cached ONNX export {folder} was exported again and is "
+            pytest.raises(ExportError, match=rf"the cached ONNX export {folder} was exported again and is "
                                                     r"still unusable \(.*unet.onnx.*\): is the disk full"):
-        export.cached_export(sd1_onnx.torch, cache)
+        onnx_cache.cached_export(sd1_onnx.torch, cache)
 
 
 def test_an_export_is_written_aside_and_renamed_into_place(sd1_onnx, tmp_path, monkeypatch):
     """The entry's path never holds a partial export: the export writes a uniquely named folder beside it, and a
     failed export leaves nothing behind."""
     cache = tmp_path / "cache"
-    final = export.cache_folder(cache, export.weights_hash(sd1_onnx.torch), "fp32", export.DEFAULT_OPSET)
+    final = onnx_cache.cache_folder(cache, weights_hash(sd1_onnx.torch), "fp32", DEFAULT_OPSET)
     seen = []
 
     def write(pipe, folder, **kwargs):
         seen.append((Path(folder), final.exists()))
         shutil.copytree(sd1_onnx.folder, folder, ignore=NO_ENGINES, dirs_exist_ok=True)
 
-    monkeypatch.setattr(export, "export_pipeline", write)
-    assert export.cached_export(sd1_onnx.torch, cache) == final
+    monkeypatch.setattr(onnx_cache, "export_pipeline", write)
+    assert onnx_cache.cached_export(sd1_onnx.torch, cache) == final
     (written, existed), = seen
     assert written.parent == cache and written.name.startswith(final.name + ".") and written.name.endswith(".partial")
     assert not existed and not written.exists() and leftovers(cache) == []
 
     def fail(pipe, folder, **kwargs):
         (Path(folder) / "unet.onnx").write_bytes(b"half")
-        raise export.ExportError("unet.onnx does not match the torch model")
+        raise ExportError("unet.onnx does not match the torch model")
 
     shutil.rmtree(final)
-    monkeypatch.setattr(export, "export_pipeline", fail)
-    with pytest.raises(export.ExportError, match="does not match"):
-        export.cached_export(sd1_onnx.torch, cache)
+    monkeypatch.setattr(onnx_cache, "export_pipeline", fail)
+    with pytest.raises(ExportError, match="does not match"):
+        onnx_cache.cached_export(sd1_onnx.torch, cache)
     assert not final.exists() and leftovers(cache) == []
 
 
 def test_a_cached_load_hashes_each_graph_once(cache, sd1_onnx, monkeypatch):
     hashed = []
-    real = export.sha256_files
-    monkeypatch.setattr(export, "sha256_files", lambda *paths: hashed.append(paths) or real(*paths))
-    folder = export.cached_export(sd1_onnx.torch, cache)  # verifies the entry
-    export.read_manifest(folder)  # what loading the folder does next: verified already, by the same files
+    real = files.sha256_files
+    monkeypatch.setattr(files, "sha256_files", lambda *paths: hashed.append(paths) or real(*paths))
+    folder = onnx_cache.cached_export(sd1_onnx.torch, cache)  # verifies the entry
+    read_manifest(folder)  # what loading the folder does next: verified already, by the same files
     assert sorted(p[0].name for p in hashed) == ["text_encoder.onnx", "unet.onnx", "vae_decoder.onnx",
                                                  "vae_encoder.onnx"]
 
@@ -177,8 +183,8 @@ def test_a_user_folder_that_does_not_match_its_manifest_is_refused(sd1_onnx, tmp
     negate_an_initializer(folder / "unet.onnx")
     message = (rf"{folder / 'unet.onnx'}: the sha256 of unet.onnx is not the one manifest.json recorded \(changed "
                rf"since the export\): export the model again \(sdfast export MODEL -o {folder}\)")
-    with pytest.raises(export.ExportError, match=message):
-        export.read_manifest(folder)
+    with pytest.raises(ExportError, match=message):
+        read_manifest(folder)
     with pytest.raises(ValueError, match=message) as e:
         sdfast.load(folder, backend="onnxruntime")
     assert "\n" not in str(e.value)
@@ -214,25 +220,25 @@ def test_a_checkpoint_loads_right_from_a_tampered_cache(sd1, sd1_onnx, cache, re
 
 def test_a_process_waiting_on_the_lock_gives_up_with_a_clear_error(sd1_onnx, tmp_path):
     cache = tmp_path / "cache"
-    folder = export.cache_folder(cache, export.weights_hash(sd1_onnx.torch), "fp32", export.DEFAULT_OPSET)
+    folder = onnx_cache.cache_folder(cache, weights_hash(sd1_onnx.torch), "fp32", DEFAULT_OPSET)
     message = (rf"waited 0.5 s for {folder}.lock: process {os.getpid()} on .* is still exporting .*; wait for it to "
                r"finish and try again")
-    with export.file_lock(folder.with_name(folder.name + ".lock"), what="exporting"), \
-            pytest.raises(export.ExportError, match=message):
-        export.cached_export(sd1_onnx.torch, cache, lock_timeout=0.5)
+    with files.file_lock(folder.with_name(folder.name + ".lock"), what="exporting"), \
+            pytest.raises(ExportError, match=message):
+        onnx_cache.cached_export(sd1_onnx.torch, cache, lock_timeout=0.5)
     assert not folder.exists()
 
 
 RACER = textwrap.dedent("""
     import functools, json, sys
     import sdfast
-    from sdfast.export import onnx as export
+    from sdfast.export import cache
 
     # one small graph keeps the test short; the cache's locking and renaming do not depend on which graphs
-    export.export_pipeline = functools.partial(export.export_pipeline, networks=("text_encoder",))
+    cache.export_pipeline = functools.partial(cache.export_pipeline, networks=("text_encoder",))
     pipe = sdfast.load(sys.argv[1])
     lines = []
-    folder = export.cached_export(pipe, sys.argv[2], log=lines.append)
+    folder = cache.cached_export(pipe, sys.argv[2], log=lines.append)
     print(json.dumps({"folder": str(folder), "exported": any("text_encoder.onnx:" in l for l in lines),
                       "waited": any(l.startswith("waiting for") for l in lines)}))
 """)
@@ -252,16 +258,16 @@ def test_two_processes_exporting_into_one_empty_cache_export_once(sd1, tmp_path)
     assert results[0]["folder"] == results[1]["folder"]
     assert sorted(r["exported"] for r in results) == [False, True], results
     assert [r["waited"] for r in results if not r["exported"]] in ([True], [False])  # it may have come after
-    manifest = export.read_manifest(results[0]["folder"])
+    manifest = read_manifest(results[0]["folder"])
     assert list(manifest["networks"]) == ["text_encoder"]
     assert leftovers(cache) == [] and sorted(p.suffix for p in cache.iterdir()) == ["", ".lock"]
 
 
 # -- the engine cache --
 
-needs_tensorrt = pytest.mark.skipif(not trt.HAS_TENSORRT, reason="no TensorRT module: pip install "
+needs_tensorrt = pytest.mark.skipif(not HAS_TENSORRT, reason="no TensorRT module: pip install "
                                                                  "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
-SHAPES = trt.Shapes.parse(["64x64"], [1])
+SHAPES = Shapes.parse(["64x64"], [1])
 
 
 @pytest.fixture
@@ -291,17 +297,17 @@ def test_concurrent_builds_of_one_engine_build_it_once(folder_copy):
     assert sorted(e.cached for e in results) == [False, True]
     assert results[0].path == results[1].path
     assert trt.find_engines(folder_copy, "text_encoder")[0].meta["engine_sha256"] == \
-        trt.sha256_files(results[0].path)
+        files.sha256_files(results[0].path)
     assert not [p.name for p in (folder_copy / trt.ENGINES).iterdir() if p.name.endswith(".tmp")]
 
 
 @needs_tensorrt
 def test_a_build_waiting_on_an_engine_lock_gives_up_with_a_clear_error(folder_copy):
-    manifest = export.read_manifest(folder_copy)
-    profiles = trt.profiles("text_encoder", manifest, SHAPES)
-    key = trt.engine_key(trt._key_fields(folder_copy, "text_encoder", manifest, profiles, manifest["dtype"]))
+    manifest = read_manifest(folder_copy)
+    network_profiles = profiles("text_encoder", manifest, SHAPES)
+    key = trt.engine_key(trt._key_fields(folder_copy, "text_encoder", manifest, network_profiles, manifest["dtype"]))
     lock = folder_copy / trt.ENGINES / f"text_encoder-{key[:16]}.lock"
-    with export.file_lock(lock, what="building"), \
+    with files.file_lock(lock, what="building"), \
             pytest.raises(ValueError, match=rf"waited 0.5 s for {lock}: process {os.getpid()} on .* is still building"):
         trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",), lock_timeout=0.5)
 

@@ -15,8 +15,10 @@ onnx = pytest.importorskip("onnx", reason='the onnx extra is not installed: pip 
 pytest.importorskip("onnxruntime", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 
 from sdfast.cli import main  # noqa: E402
-from sdfast.export import graphs  # noqa: E402
+from sdfast.export import external_data, graphs  # noqa: E402
 from sdfast.export import onnx as export  # noqa: E402
+from sdfast.export.check import TOLERANCE, check, check_memory_problem  # noqa: E402
+from sdfast.export.manifest import read_manifest  # noqa: E402
 
 
 def _spec(pipe, name):
@@ -38,14 +40,14 @@ def test_fp16_graph_is_checked_against_an_fp32_reference_on_cpu(sd2_fp16_onnx):
     spec = _spec(pipe, "unet")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     seen = _weights_during_forward(spec.module)
-    report = export.check(spec, sd2_fp16_onnx.folder / "unet.onnx")
+    report = check(spec, sd2_fp16_onnx.folder / "unet.onnx")
     assert seen == [torch.float32]
-    assert report["reference"] == "torch fp32 on cpu" and report["tolerance"] == export.TOLERANCE["fp16"]
-    assert max(report["rel_err"].values()) < export.TOLERANCE["fp16"]
+    assert report["reference"] == "torch fp32 on cpu" and report["tolerance"] == TOLERANCE["fp16"]
+    assert max(report["rel_err"].values()) < TOLERANCE["fp16"]
     after = pipe.unet.state_dict()
     assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items())
     # what `sdfast export --dtype fp16` recorded for every graph
-    for name, net in export.read_manifest(sd2_fp16_onnx.folder)["networks"].items():
+    for name, net in read_manifest(sd2_fp16_onnx.folder)["networks"].items():
         assert net["check"]["reference"] == "torch fp32 on cpu", name
 
 
@@ -54,7 +56,7 @@ def test_fp16_graph_is_checked_against_an_fp16_reference_on_a_gpu(sd2_fp16_onnx)
     pipe = sd2_fp16_onnx.torch
     spec = _spec(pipe, "vae_decoder")
     seen = _weights_during_forward(spec.module)
-    report = export.check(spec, sd2_fp16_onnx.folder / "vae_decoder.onnx")
+    report = check(spec, sd2_fp16_onnx.folder / "vae_decoder.onnx")
     assert seen == [torch.float16] and report["reference"] == "torch fp16 on cuda"
     assert {p.device.type for p in pipe.vae.parameters()} == {"cpu"}  # moved back
 
@@ -64,7 +66,7 @@ def test_a_failed_reference_still_restores_the_weights(sd2_fp16_onnx):
     pipe = sd2_fp16_onnx.torch
     spec = _spec(pipe, "vae_decoder")
     with pytest.raises(RuntimeError):
-        export.check(spec, sd2_fp16_onnx.folder / "vae_decoder.onnx", {"latent": torch.randn(1, 3, 8, 8).half()})
+        check(spec, sd2_fp16_onnx.folder / "vae_decoder.onnx", {"latent": torch.randn(1, 3, 8, 8).half()})
     assert {(p.dtype, p.device.type) for p in pipe.vae.parameters()} == {(torch.float16, "cpu")}
 
 
@@ -76,17 +78,17 @@ def test_weights_stay_on_disk_while_onnxslim_works(sd1, tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     model = export.to_onnx(spec, export.DEFAULT_OPSET, scratch / "text_encoder.onnx")
-    big = [t.name for t in model.graph.initializer if export._nbytes(t) >= export.SLIM_INLINE_BYTES]
-    assert big and all(export._external(t) for t in model.graph.initializer if t.name in big)
-    assert not any(export._external(t) for t in model.graph.initializer if t.name not in big)
+    big = [t.name for t in model.graph.initializer if external_data.nbytes(t) >= export.SLIM_INLINE_BYTES]
+    assert big and all(external_data.is_external(t) for t in model.graph.initializer if t.name in big)
+    assert not any(external_data.is_external(t) for t in model.graph.initializer if t.name not in big)
     model, report = export.slim(model)
     assert "skipped" not in report and report["nodes_after"] < report["nodes_before"]
-    assert export.save(model, tmp_path / "text_encoder.onnx", scratch) is None
+    assert external_data.save(model, tmp_path / "text_encoder.onnx", scratch) is None
     for f in scratch.iterdir():
         f.unlink()
     loaded = onnx.load(str(tmp_path / "text_encoder.onnx"))
-    assert not any(export._external(t) for t in loaded.graph.initializer)
-    assert max(export.check(spec, tmp_path / "text_encoder.onnx")["rel_err"].values()) < export.TOLERANCE["fp32"]
+    assert not any(external_data.is_external(t) for t in loaded.graph.initializer)
+    assert max(check(spec, tmp_path / "text_encoder.onnx")["rel_err"].values()) < TOLERANCE["fp32"]
 
 
 def test_onnxslim_is_skipped_with_the_reason_when_it_needs_a_weight_on_disk(sd1, tmp_path, monkeypatch):
@@ -100,7 +102,7 @@ def test_onnxslim_is_skipped_with_the_reason_when_it_needs_a_weight_on_disk(sd1,
     assert "stays on disk to bound memory" in net["slim"]["skipped"]
     assert net["slim"]["nodes_before"] == net["slim"]["nodes_after"]
     assert "onnxslim skipped: onnxslim needed a weight" in lines[0]
-    assert max(net["check"]["rel_err"].values()) < export.TOLERANCE["fp32"]
+    assert max(net["check"]["rel_err"].values()) < TOLERANCE["fp32"]
 
 
 def test_unchecked_export_says_so(sd1, tmp_path):
@@ -113,7 +115,7 @@ def test_unchecked_export_says_so(sd1, tmp_path):
     assert net["check"] is None and net["check_s"] is None
     assert "not checked against torch" in lines[0] and "rel. error" not in lines[0]
     assert net["peak_rss_bytes"] is None or net["peak_rss_bytes"] > 2**20
-    export.read_manifest(tmp_path)  # an unchecked folder is still a valid export
+    read_manifest(tmp_path)  # an unchecked folder is still a valid export
 
 
 def test_no_check_flag(sd1, tmp_path, monkeypatch, capsys):
@@ -142,7 +144,7 @@ def test_no_check_flag(sd1, tmp_path, monkeypatch, capsys):
 def test_a_check_that_would_not_fit_is_skipped_with_the_numbers(sd1, tmp_path, monkeypatch):
     """With less memory available than the check needs (CHECK_MEMORY x the graph + 1 GiB), the graph is written,
     its check is skipped, and the manifest and the log line say how much was needed and available."""
-    monkeypatch.setattr(export, "_available_memory", lambda: 2**30)
+    monkeypatch.setattr("sdfast.export.check.available_memory", lambda: 2**30)
     lines = []
     manifest = export.export_pipeline(sdfast.load(sd1.path), tmp_path, networks=("vae_decoder",),
                                       log=lines.append)
@@ -150,8 +152,8 @@ def test_a_check_that_would_not_fit_is_skipped_with_the_numbers(sd1, tmp_path, m
     assert "fp32 graph needs about 1.0 GiB more and 1.0 GiB is available; it was not run" in skipped
     assert f"check skipped: {skipped}" in lines[-1]
     assert (tmp_path / "vae_decoder.onnx").is_file()
-    monkeypatch.setattr(export, "_available_memory", lambda: 2 * 2**30)
-    assert export.check_memory_problem(graphs.graph_specs(sdfast.load(sd1.path))[0], 2**20) is None
+    monkeypatch.setattr("sdfast.export.check.available_memory", lambda: 2 * 2**30)
+    assert check_memory_problem(graphs.graph_specs(sdfast.load(sd1.path))[0], 2**20) is None
 
 
 @pytest.mark.parametrize("force_upcast,expected", [(True, torch.float32), (False, torch.float16)])

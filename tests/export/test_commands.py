@@ -24,7 +24,7 @@ def test_generate_on_an_export_folder(sd1_onnx, tmp_path, capsys):
 
 def test_build_then_build_again_hits_the_cache(sd1_onnx, capsys):
     pytest.importorskip("sdfast.export.tensorrt")
-    from sdfast.export.tensorrt import HAS_TENSORRT
+    from sdfast.export.flavour import HAS_TENSORRT
 
     if not HAS_TENSORRT:
         pytest.skip("no TensorRT module: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
@@ -52,3 +52,17 @@ def test_errors_are_one_line(sd1, sd1_onnx, tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"sdfast {argv[0]}: error: ") and message in err
+
+
+def test_export_defaults_to_the_shipped_model(tmp_path, monkeypatch):
+    """As `generate`: no MODEL (and no $SDFAST_MODEL) exports the shapes model that ships with sdfast."""
+    monkeypatch.delenv("SDFAST_MODEL", raising=False)
+    from sdfast.cli import _parser
+
+    assert _parser().parse_args(["export", "-o", str(tmp_path / "x")]).model is None
+    assert main(["export", "-o", str(tmp_path / "shapes"), "--no-check"]) == 0
+    assert (tmp_path / "shapes" / "manifest.json").is_file()
+    import sdfast
+
+    pipe = sdfast.load(tmp_path / "shapes", backend="onnxruntime")
+    assert pipe.unet.config == sdfast.load().unet.config

@@ -13,7 +13,10 @@ import torch
 import sdfast
 from sdfast.backends import tensorrt as trt_backend
 from sdfast.cli import main
+from sdfast.export import flavour as trt_flavour
 from sdfast.export import tensorrt as trt
+from sdfast.export.errors import EngineError
+from sdfast.export.profiles import Shapes
 
 FIX = "Fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
 RTX_FIX = ("on this GPU use backend='triton', 'compile' or 'onnxruntime' (onnxruntime-gpu), or NVIDIA's full "
@@ -34,6 +37,7 @@ def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
 
 def use_module(monkeypatch, module) -> None:
     """``module`` as the TensorRT module that sdfast found (``tensorrt()``), for the builder and the backend."""
+    monkeypatch.setattr(trt_flavour, "tensorrt", lambda: module)
     monkeypatch.setattr(trt, "tensorrt", lambda: module)
     monkeypatch.setattr(trt_backend, "tensorrt", lambda: module)
 
@@ -51,9 +55,9 @@ class Over:
 
 def real_tensorrt():
     """The installed TensorRT module (call it before ``use_module``)."""
-    if not trt.HAS_TENSORRT:
+    if not trt_flavour.HAS_TENSORRT:
         pytest.skip("no TensorRT module: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
-    return trt.tensorrt()
+    return trt_flavour.tensorrt()
 
 
 @pytest.fixture
@@ -100,7 +104,8 @@ def test_ort_session_refuses_a_silent_cpu_fallback(relu_onnx, monkeypatch):
     onnxruntime-gpu cannot load CUDA / cuDNN): ort_session says so, with what is installed and the fix."""
     import onnxruntime
 
-    from sdfast.export.onnx import ExportError, ort_session
+    from sdfast.export.errors import ExportError
+    from sdfast.export.session import ort_session
 
     no_working_cuda_provider()
     monkeypatch.setattr(torch.version, "cuda", "12.8")
@@ -184,7 +189,7 @@ def test_an_execution_context_tensorrt_cannot_make_is_named(tmp_path, monkeypatc
     path.write_bytes(b"plan")
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", (8, 9))
     use_module(monkeypatch, fake_runtime(flavour, _Engine()))
-    with pytest.raises(trt.EngineError) as e:
+    with pytest.raises(EngineError) as e:
         trt_backend.EngineRunner(path, {"network": "unet", "io": []}, torch.device("cuda"))
     assert str(e.value) == (
         f"engine {path}: TensorRT could not create an execution context on NVIDIA GeForce RTX 4090 (sm_89) (out of "
@@ -197,7 +202,7 @@ def test_an_engine_that_does_not_deserialise_is_named(tmp_path, monkeypatch):
     path.write_bytes(b"plan")
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", (8, 9))
     use_module(monkeypatch, fake_runtime("tensorrt", None))
-    with pytest.raises(trt.EngineError) as e:
+    with pytest.raises(EngineError) as e:
         trt_backend.EngineRunner(path, {"network": "unet", "io": []}, torch.device("cuda"))
     assert str(e.value) == (
         f"engine {path} does not load on NVIDIA GeForce RTX 4090 (sm_89) (built by another TensorRT or for another "
@@ -215,8 +220,8 @@ def test_a_builder_that_fails_on_a_gpu_is_not_called_no_gpu(folder_copy, monkeyp
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", (8, 9))
     module = real_tensorrt()
     use_module(monkeypatch, Over(module, Builder=_refusing_builder))
-    with pytest.raises(trt.EngineError) as e:
-        trt.build_engines(folder_copy, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
+    with pytest.raises(EngineError) as e:
+        trt.build_engines(folder_copy, Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
     name = "tensorrt" if module.__name__ == "tensorrt" else "tensorrt_rtx"
     assert str(e.value) == (
         f"{name} {module.__version__} could not create a builder (TypeError: pybind11::init(): factory function "
@@ -240,10 +245,10 @@ def test_a_build_that_returns_no_plan_names_the_gpu(folder_copy, monkeypatch):
 
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", (8, 9))
     use_module(monkeypatch, Over(module, Builder=Builder))
-    if trt.flavour()["flavour"] == "tensorrt":
+    if trt_flavour.flavour()["flavour"] == "tensorrt":
         pytest.skip("full TensorRT's timing cache needs a real GPU")
-    with pytest.raises(trt.EngineError) as e:
-        trt.build_engines(folder_copy, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
+    with pytest.raises(EngineError) as e:
+        trt.build_engines(folder_copy, Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
     assert str(e.value) == (
         f"tensorrt_rtx {module.__version__} could not build text_encoder.onnx on NVIDIA GeForce RTX 4090 (sm_89): "
         "see TensorRT's errors logged above (out of GPU memory, a layer or precision this GPU lacks, a driver too "
@@ -256,8 +261,8 @@ def test_a_builder_that_fails_without_a_gpu_says_so(folder_copy, monkeypatch, fl
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     use_module(monkeypatch, Over(real_tensorrt(), __name__=flavour, __version__="10.13.3",
                                  Builder=_refusing_builder))
-    with pytest.raises(trt.EngineError) as e:
-        trt.build_engines(folder_copy, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
+    with pytest.raises(EngineError) as e:
+        trt.build_engines(folder_copy, Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
     failed = (f"{flavour} 10.13.3 could not create a builder (TypeError: pybind11::init(): factory function returned "
               "nullptr)")
     if flavour == "tensorrt":
@@ -282,7 +287,7 @@ def test_the_tensorrt_backend_refuses_a_gpu_tensorrt_rtx_cannot_target(sd1_onnx,
     fake_gpu(monkeypatch, "NVIDIA H200", (9, 0))
     use_module(monkeypatch, RTX)
     monkeypatch.setattr(trt_backend, "find_engines", lambda *a: pytest.fail("looked for engines to load"))
-    with pytest.raises(trt.EngineError) as e:
+    with pytest.raises(EngineError) as e:
         sdfast.load(sd1_onnx.folder, backend="tensorrt", device="cuda")
     assert str(e.value) == H200
 
@@ -300,15 +305,15 @@ def test_tensorrt_rtx_targets_come_from_its_module(monkeypatch):
     among them, or full TensorRT on any GPU, passes."""
     fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
     use_module(monkeypatch, SimpleNamespace(__name__="tensorrt_rtx", __version__="1.0.0.21"))
-    with pytest.raises(trt.EngineError) as e:
-        trt.check_target()
+    with pytest.raises(EngineError) as e:
+        trt_flavour.check_target()
     assert str(e.value) == ("TensorRT-RTX 1.0.0.21 cannot run engines on NVIDIA H100 80GB HBM3 (sm_90): its targets "
                             f"are sm_75, sm_80, sm_86, sm_89, sm_120; {RTX_FIX}")
     use_module(monkeypatch, SimpleNamespace(__name__="tensorrt", __version__="10.13.3"))
-    trt.check_target()
+    trt_flavour.check_target()
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", (8, 9))
     use_module(monkeypatch, RTX)
-    trt.check_target()
+    trt_flavour.check_target()
 
 
 def test_the_installed_tensorrt_rtx_cannot_target_an_h200(monkeypatch):
@@ -317,8 +322,8 @@ def test_the_installed_tensorrt_rtx_cannot_target_an_h200(monkeypatch):
     if not hasattr(module, "ComputeCapability"):
         pytest.skip("full TensorRT: no TensorRT-RTX target list")
     fake_gpu(monkeypatch, "NVIDIA H200", (9, 0))
-    with pytest.raises(trt.EngineError) as e:
-        trt.check_target()
+    with pytest.raises(EngineError) as e:
+        trt_flavour.check_target()
     message = str(e.value)
     assert message.startswith(f"TensorRT-RTX {module.__version__} cannot run engines on NVIDIA H200 (sm_90): its "
                               "targets are ") and message.endswith(f"; {RTX_FIX}")

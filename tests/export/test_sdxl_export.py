@@ -19,10 +19,15 @@ from sdfast.backends import exported  # noqa: E402
 from sdfast.export import graphs  # noqa: E402
 from sdfast.export import onnx as export  # noqa: E402
 from sdfast.export import tensorrt as trt  # noqa: E402
+from sdfast.export.check import TOLERANCE  # noqa: E402
+from sdfast.export.errors import EngineError  # noqa: E402
+from sdfast.export.flavour import HAS_TENSORRT  # noqa: E402
+from sdfast.export.manifest import read_manifest  # noqa: E402
+from sdfast.export.profiles import Shapes, check_shapes  # noqa: E402
 
 LATENT_TOL = 1e-4
 PROMPT = "a red circle at the top left"
-NEEDS_TRT = pytest.mark.skipif(not trt.HAS_TENSORRT, reason="no TensorRT module: pip install "
+NEEDS_TRT = pytest.mark.skipif(not HAS_TENSORRT, reason="no TensorRT module: pip install "
                                "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 
 
@@ -52,7 +57,7 @@ def test_manifest_and_graphs(sdxl_onnx, ort):
     """Five graphs within 1e-4 of torch; the U-Net's extra inputs (fp32 micro-conditioning); raw hidden states
     that the wrappers refuse to pass off as normalised ones; the second tokenizer and the pipeline options."""
     folder, pipe = sdxl_onnx.folder, sdxl_onnx.torch
-    manifest = export.read_manifest(folder)
+    manifest = read_manifest(folder)
     assert sorted(manifest["networks"]) == sorted(graphs.NETWORKS)
     for name, net in manifest["networks"].items():
         assert all(err < LATENT_TOL for err in net["check"]["rel_err"].values()), (name, net["check"])
@@ -109,7 +114,7 @@ def test_fp16_export_keeps_the_sdxl_vae_in_fp32(sdxl, tmp_path):
     manifest = export.export_pipeline(pipe, tmp_path, networks=("vae_decoder",))
     net = manifest["networks"]["vae_decoder"]
     assert manifest["dtype"] == "fp16" and {t["dtype"] for t in net["inputs"] + net["outputs"]} == {"float32"}
-    assert max(net["check"]["rel_err"].values()) < export.TOLERANCE["fp16"]
+    assert max(net["check"]["rel_err"].values()) < TOLERANCE["fp16"]
     assert {p.dtype for p in pipe.vae.parameters()} == {torch.float16}  # the export copied, the pipeline is as it was
 
 
@@ -117,7 +122,7 @@ def test_fp16_export_keeps_the_sdxl_vae_in_fp32(sdxl, tmp_path):
 def test_tensorrt_builds_the_sdxl_engines(sdxl_onnx):
     """TensorRT-RTX (no GPU needed to build) parses the SDXL U-Net and second text encoder and builds them with
     profiles for the extra inputs: one row per sample, so their batch doubles under guidance like the latents'."""
-    built = trt.build_engines(sdxl_onnx.folder, trt.Shapes.parse(["64x64-64x96"], [1, 2]),
+    built = trt.build_engines(sdxl_onnx.folder, Shapes.parse(["64x64-64x96"], [1, 2]),
                               networks=("unet", "text_encoder_2"), log=print)
     unet = built["unet"].meta
     assert {t["name"]: (t["mode"], t["dtype"]) for t in unet["io"]} == {
@@ -127,11 +132,11 @@ def test_tensorrt_builds_the_sdxl_engines(sdxl_onnx):
     assert profile["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 12, 8]]
     assert profile["text_embeds"] == [[1, 24], [2, 24], [4, 24]] and profile["time_ids"] == [[1, 6], [2, 6], [4, 6]]
     assert built["text_encoder_2"].meta["profiles"] == [{"input_ids": [[1, 77], [2, 77], [4, 77]]}]
-    assert trt.check_shapes(unet, {"sample": (2, 4, 8, 8), "timestep": (2,), "context": (2, 77, 80),
-                                   "text_embeds": (2, 24), "time_ids": (2, 6)}) == 0
-    with pytest.raises(trt.EngineError, match=r"is outside the engine's profiles; allowed: .*text_embeds \(1..4, 24\)"):
-        trt.check_shapes(unet, {"sample": (6, 4, 8, 8), "timestep": (6,), "context": (6, 77, 80),
-                                "text_embeds": (6, 24), "time_ids": (6, 6)})
+    assert check_shapes(unet, {"sample": (2, 4, 8, 8), "timestep": (2,), "context": (2, 77, 80),
+                               "text_embeds": (2, 24), "time_ids": (2, 6)}) == 0
+    with pytest.raises(EngineError, match=r"is outside the engine's profiles; allowed: .*text_embeds \(1..4, 24\)"):
+        check_shapes(unet, {"sample": (6, 4, 8, 8), "timestep": (6,), "context": (6, 77, 80),
+                            "text_embeds": (6, 24), "time_ids": (6, 6)})
 
 
 @pytest.mark.gpu(reason="TensorRT engines execute only on a CUDA GPU")

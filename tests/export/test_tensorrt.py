@@ -1,6 +1,6 @@
-"""TensorRT engines (sdfast.export.tensorrt): real TensorRT-RTX builds of the tiny model's four networks, without a
-GPU: their I/O and profiles, the engine cache (hit, stale, corrupt), and shapes outside the profiles. Running
-engines needs a CUDA GPU: those tests are marked ``gpu``."""
+"""TensorRT engines (sdfast.export.tensorrt, .profiles): real TensorRT-RTX builds of the tiny model's four networks,
+without a GPU: their I/O and profiles, the engine cache (hit, stale, corrupt), and shapes outside the profiles.
+Running engines needs a CUDA GPU: those tests are marked ``gpu``."""
 
 import json
 import shutil
@@ -14,12 +14,15 @@ from conftest import rel_err
 pytest.importorskip("onnx", reason='the onnx extra is not installed: pip install -e ".[onnx]"')
 
 from sdfast.export import tensorrt as trt  # noqa: E402
+from sdfast.export.errors import EngineError  # noqa: E402
+from sdfast.export.flavour import HAS_TENSORRT, flavour  # noqa: E402
+from sdfast.export.profiles import Shapes, check_shapes, covering  # noqa: E402
 
-if not trt.HAS_TENSORRT:
+if not HAS_TENSORRT:
     pytest.skip("no TensorRT module: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings",
                 allow_module_level=True)
 
-SHAPES = trt.Shapes.parse(["64x64", "64x64-128x96"], [1, 2], prompt_chunks=2)
+SHAPES = Shapes.parse(["64x64", "64x64-128x96"], [1, 2], prompt_chunks=2)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def test_the_weights_loras_write_are_built_refittable_where_a_gpu_is(sd1_onnx, e
     assert engines["vae_decoder"].meta["refittable"] == 0
     if not torch.cuda.is_available():
         unet = EngineSet(trt.find_engines(sd1_onnx.folder, "unet"), None, sd1_onnx.folder / "unet.onnx")
-        with pytest.raises(trt.EngineError, match="built without refittable weights .* rebuild it on the GPU"):
+        with pytest.raises(EngineError, match="built without refittable weights .* rebuild it on the GPU"):
             unet.set_initializers({"x": None})
 
 
@@ -84,33 +87,33 @@ def test_second_build_loads_from_the_cache(sd1_onnx, engines):
     assert all(e.cached for e in again.values())
     assert {name: e.path.stat().st_mtime_ns for name, e in again.items()} == mtimes
     assert trt.find_engines(sd1_onnx.folder, "unet")[0].path == engines["unet"].path
-    other = trt.build_engines(sd1_onnx.folder, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
+    other = trt.build_engines(sd1_onnx.folder, Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
     assert not other["text_encoder"].cached  # other profiles: another key, another engine
 
 
 def test_each_request_runs_on_an_engine_that_covers_it(sd1_onnx, engines):
     """Two text-encoder builds side by side (batch 1 only, then batch 1..4): a request goes to the newest engine
     whose profiles admit it, and one that no engine admits names every engine's ranges."""
-    small = trt.build_engines(sd1_onnx.folder, trt.Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
+    small = trt.build_engines(sd1_onnx.folder, Shapes.parse(["64x64"], [1]), networks=("text_encoder",))
     found = trt.find_engines(sd1_onnx.folder, "text_encoder")
     assert [e.path for e in found] == [small["text_encoder"].path, engines["text_encoder"].path]  # newest first
     (name, (lo, _, hi)), = found[1].meta["profiles"][0].items()
-    assert trt.covering(found, {name: tuple(lo)})[0].path == found[0].path  # both admit it: the newest runs
-    assert trt.covering(found, {name: tuple(hi)})[0].path == found[1].path  # only the larger build admits it
+    assert covering(found, {name: tuple(lo)})[0].path == found[0].path  # both admit it: the newest runs
+    assert covering(found, {name: tuple(hi)})[0].path == found[1].path  # only the larger build admits it
     too_big = (hi[0] + 1, *hi[1:])
-    with pytest.raises(trt.EngineError, match=rf"text_encoder: {name} \({too_big[0]}, .* is outside the profiles of "
+    with pytest.raises(EngineError, match=rf"text_encoder: {name} \({too_big[0]}, .* is outside the profiles of "
                                               r"all 2 engines; allowed: text_encoder-.*\.engine: .*; text_encoder-"):
-        trt.covering(found, {name: too_big})
+        covering(found, {name: too_big})
 
 
 def test_a_changed_onnx_file_makes_the_engine_stale(folder_copy):
     trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",))
     path = folder_copy / "text_encoder.onnx"
     path.write_bytes(path.read_bytes() + b"\n")  # any change to the bytes changes the key
-    with pytest.raises(trt.EngineError, match=r"every one is stale .*onnx_sha256 '[0-9a-f]{64}' \(now '[0-9a-f]{64}'\)"
+    with pytest.raises(EngineError, match=r"every one is stale .*onnx_sha256 '[0-9a-f]{64}' \(now '[0-9a-f]{64}'\)"
                                               r".*Rebuild: sdfast build"):
         trt.find_engines(folder_copy, "text_encoder")[0]
-    with pytest.raises(trt.EngineError, match=r"no unet engine in .*sdfast build"):
+    with pytest.raises(EngineError, match=r"no unet engine in .*sdfast build"):
         trt.find_engines(folder_copy, "unet")[0]
 
 
@@ -123,11 +126,11 @@ def test_an_engine_from_another_tensorrt_or_gpu_is_stale(folder_copy):
     now = dict(meta["key_fields"])
     meta["key_fields"].update(version="0.9", gpu="NVIDIA GeForce RTX 4090 (sm_89)")
     sidecar.write_text(json.dumps(meta))
-    with pytest.raises(trt.EngineError, match=rf"every one is stale .*version '0\.9' \(now '{now['version']}'\); "
+    with pytest.raises(EngineError, match=rf"every one is stale .*version '0\.9' \(now '{now['version']}'\); "
                                               r"gpu 'NVIDIA GeForce RTX 4090 \(sm_89\)' \(now '.*'\)"):
         trt.find_engines(folder_copy, "vae_decoder")[0]
     sidecar.write_text("{not json")
-    with pytest.raises(trt.EngineError, match=r"unreadable sidecar \(JSONDecodeError\)"):
+    with pytest.raises(EngineError, match=r"unreadable sidecar \(JSONDecodeError\)"):
         trt.find_engines(folder_copy, "vae_decoder")[0]
 
 
@@ -147,12 +150,12 @@ def test_timing_cache(engines, sd1_onnx):
 
 @pytest.mark.gpu(reason="TensorRT engines execute only on a CUDA GPU")
 def test_full_tensorrt_reuses_its_timing_cache(folder_copy):
-    if trt.flavour()["flavour"] != "tensorrt":
+    if flavour()["flavour"] != "tensorrt":
         pytest.skip("the timing cache is full TensorRT's (TensorRT-RTX does not time tactics)")
     first = trt.build_engines(folder_copy, SHAPES, networks=("vae_decoder",))["vae_decoder"]
     cache = trt.timing_cache_path(folder_copy, first.meta["key_fields"])
     size = cache.stat().st_size
-    other = trt.build_engines(folder_copy, trt.Shapes.parse(["64x64"], [1]), networks=("vae_decoder",))
+    other = trt.build_engines(folder_copy, Shapes.parse(["64x64"], [1]), networks=("vae_decoder",))
     assert not other["vae_decoder"].cached and other["vae_decoder"].meta["timing_cache"]
     assert cache.stat().st_size >= size  # loaded, extended, written back: never started afresh
 
@@ -162,10 +165,10 @@ def test_a_corrupt_engine_is_refused_then_rebuilt(folder_copy):
     data = bytearray(built.path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     built.path.write_bytes(bytes(data))
-    with pytest.raises(trt.EngineError, match=r"is corrupt: its content does not match the sha256"):
+    with pytest.raises(EngineError, match=r"is corrupt: its content does not match the sha256"):
         trt.find_engines(folder_copy, "text_encoder")[0]
     built.path.write_bytes(bytes(data[:1000]))  # truncated
-    with pytest.raises(trt.EngineError, match="is corrupt"):
+    with pytest.raises(EngineError, match="is corrupt"):
         trt.find_engines(folder_copy, "text_encoder")[0]
     lines = []
     rebuilt = trt.build_engines(folder_copy, SHAPES, networks=("text_encoder",), log=lines.append)["text_encoder"]
@@ -176,25 +179,25 @@ def test_a_corrupt_engine_is_refused_then_rebuilt(folder_copy):
 def test_a_shape_outside_the_profiles_names_the_allowed_ranges(engines):
     meta = engines["unet"].meta
     ok = {"sample": (2, 4, 12, 16), "timestep": (2,), "context": (2, 154, 32)}
-    assert trt.check_shapes(meta, ok) == 1
-    assert trt.check_shapes(meta, {**ok, "sample": (2, 4, 8, 8)}) == 0
-    with pytest.raises(trt.EngineError, match=r"unet: sample \(2, 4, 20, 20\).* is outside the engine's profiles; "
+    assert check_shapes(meta, ok) == 1
+    assert check_shapes(meta, {**ok, "sample": (2, 4, 8, 8)}) == 0
+    with pytest.raises(EngineError, match=r"unet: sample \(2, 4, 20, 20\).* is outside the engine's profiles; "
                                               r"allowed: sample \(1\.\.4, 4, 8, 8\).*\| sample \(1\.\.4, 4, 8\.\.12, "
                                               r"8\.\.16\).*sdfast build DIR --sizes"):
-        trt.check_shapes(meta, {**ok, "sample": (2, 4, 20, 20)})
-    with pytest.raises(trt.EngineError, match=r"context \(1\.\.4, 77\.\.154, 32\)"):
-        trt.check_shapes(meta, {**ok, "context": (2, 231, 32)})
+        check_shapes(meta, {**ok, "sample": (2, 4, 20, 20)})
+    with pytest.raises(EngineError, match=r"context \(1\.\.4, 77\.\.154, 32\)"):
+        check_shapes(meta, {**ok, "context": (2, 231, 32)})
 
 
 def test_bad_build_requests(sd1_onnx, tmp_path):
     with pytest.raises(ValueError, match="multiples of 8"):
-        trt.Shapes.parse(["500x512"], [1])
+        Shapes.parse(["500x512"], [1])
     with pytest.raises(ValueError, match="runs backwards"):
-        trt.Shapes.parse(["768x768-512x512"], [1])
+        Shapes.parse(["768x768-512x512"], [1])
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-        trt.Shapes.parse(["big"], [1])
-    if trt.flavour()["flavour"] == "tensorrt_rtx":
-        with pytest.raises(trt.EngineError, match="strongly typed.*--dtype fp16"):
+        Shapes.parse(["big"], [1])
+    if flavour()["flavour"] == "tensorrt_rtx":
+        with pytest.raises(EngineError, match="strongly typed.*--dtype fp16"):
             trt.build_engines(sd1_onnx.folder, SHAPES, fp16=True)
     with pytest.raises(ValueError, match="has no manifest.json"):
         trt.build_engines(tmp_path, SHAPES)
@@ -212,7 +215,7 @@ def test_the_backend_needs_a_gpu(sd1_onnx, engines):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(trt.EngineError, match="the tensorrt backend runs on a CUDA GPU"):
+    with pytest.raises(EngineError, match="the tensorrt backend runs on a CUDA GPU"):
         sdfast.load(sd1_onnx.folder, backend="tensorrt")
 
 
@@ -233,7 +236,7 @@ def test_tensorrt_backend_matches_torch(sd1_onnx, engines, kwargs):
     result = pipe.generate("a red circle", steps=4, seed=3, width=64, height=64, **kwargs)
     expected = sd1_onnx.torch.generate("a red circle", steps=4, seed=3, width=64, height=64, **kwargs)
     assert rel_err(result.latents.cpu(), expected.latents) < 1e-2
-    with pytest.raises(trt.EngineError, match="outside the engine's profiles"):
+    with pytest.raises(EngineError, match="outside the engine's profiles"):
         pipe.generate("a red circle", steps=1, width=256, height=256)
 
 

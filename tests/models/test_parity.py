@@ -91,7 +91,8 @@ def test_projected_pooled_output(tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from sdfast import layouts
-    from sdfast.checkpoint import WeightFile, materialize, sources_from_rules
+    from sdfast.checkpoint import materialize, sources_from_rules
+    from sdfast.weight_files import WeightFile
     from sdfast.models import CLIPTextConfig as OurConfig, CLIPTextModel
 
     torch.manual_seed(0)

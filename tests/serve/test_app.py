@@ -6,12 +6,16 @@ import base64
 import io
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import sdfast
+from controlnets import control_image, random_controlnet
+from sdfast.control import Control
+from sdfast.loading import DEFAULT_MODEL
 from sdfast.serve import HAS_SERVE
 from sdfast.serve.options import ServeOptions
 
@@ -27,16 +31,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
-    """Two CPU replicas of the shipped default model behind the front, with an API key (allowed on loopback)."""
+def server(tmp_path_factory):
+    """Two CPU replicas of the shipped default model behind the front, with an API key (allowed on loopback) and
+    one random ControlNet offered (``edges``)."""
     import ray
+    from diffusers import UNet2DConditionModel
     from ray import serve
 
     from sdfast.serve.app import start
 
+    controlnets = tmp_path_factory.mktemp("controlnets")
+    unet = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL / "unet").float()
+    random_controlnet(unet, seed=3).save_pretrained(controlnets / "edges")
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning")
     options = ServeOptions(model=None, replicas=2, port=free_port(), api_key=KEY, batch_wait_s=0.05,
-                           warmup_steps=1)
+                           warmup_steps=1, controlnet_dir=str(controlnets))
     try:
         start(options)
         yield options
@@ -90,6 +99,22 @@ def test_models_and_health(client):
     (model,) = client.get("/v1/models").json()["data"]
     assert model["id"] == "default" and (model["width"], model["height"]) == (64, 64)  # a name, never a path
     assert model["device"] == "cpu" and model["max_batch"] == 4 and model["limits"]["max_steps"] == 150
+    assert model["controlnets"] == ["edges"] and model["limits"]["max_controls"] == 2  # names, never paths
+
+
+def test_a_control_map_steers_the_picture_as_the_api_does(server, client):
+    buf = io.BytesIO()
+    control_image(5).save(buf, format="PNG")
+    control = {"model": "edges", "image": base64.b64encode(buf.getvalue()).decode(), "scale": 0.8, "end": 0.75}
+    r = client.post("/v1/txt2img", json={"prompt": "a red circle", "steps": 4, "seed": 7, "controls": [control]})
+    assert r.status_code == 200, r.text
+    pipe = sdfast.load()
+    pipe.controlnets.load(Path(server.controlnet_dir) / "edges", "edges")
+    direct = pipe.generate("a red circle", steps=4, seed=7,
+                           controls=[Control("edges", control_image(5), scale=0.8, end=0.75)]).images[0]
+    assert np.abs(decode(r.json()["images"][0]) - np.asarray(direct, dtype=np.int16)).max() <= 1
+    r = client.post("/v1/txt2img", json={"prompt": "x", "controls": [{**control, "model": "/models/canny"}]})
+    assert r.status_code == 422 and "it offers 'edges'" in r.json()["error"], r.text
 
 
 @pytest.mark.parametrize("body,status,message", [

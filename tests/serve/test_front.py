@@ -56,7 +56,7 @@ class Pipeline:
             facts = {"vae_scale_factor": 8, "default_size": size[0], "latent_channels": 4, "clip_layers": 12,
                      "is_xl": False, "aesthetic": False}  # as a replica reports Pipeline.facts
             return {"width": size[0], "height": size[1], "max_batch": 4, "device": "cpu", "dtype": "float32",
-                    "facts": facts, "loras": []}
+                    "facts": facts, "loras": [], "controlnets": []}
 
         async def generate(request, deadline):
             await asyncio.sleep(seconds)

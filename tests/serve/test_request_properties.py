@@ -75,7 +75,15 @@ PLAUSIBLE = {  # per field: a good value first, then limits and their neighbours
     "output": ["json", "png"],
     "strength": [0.0, 0.8, 1.0, 1.5],
     "image": IMAGES,
+    "controls": [[{"model": "edges", "image": IMAGES[0], "scale": 0.5, "start": 0.1, "end": 0.9}], [],
+                 [{"model": "edges", "image": IMAGES[2]}, {"model": "edges", "image": IMAGES[4], "scale": None}],
+                 [{"model": "edges", "image": IMAGES[0]}] * 3, [{"model": "../edges", "image": IMAGES[0]}],
+                 [{"model": "edges", "image": IMAGES[6]}], [{"model": "edges", "image": IMAGES[8]}],
+                 [{"model": "edges", "image": IMAGES[0], "scale": 11}],
+                 [{"model": "edges", "image": IMAGES[0], "start": 0.9, "end": 0.1}],
+                 [{"model": "edges"}], [{"model": "edges", "image": IMAGES[0], "path": "/etc/passwd"}], ["edges"]],
 }
+OFFERED_CONTROLNETS = frozenset({"edges"})
 
 
 @st.composite
@@ -109,7 +117,7 @@ def bodies(draw, kind: str) -> bytes:
 def test_any_body_is_a_checked_request_or_a_clean_refusal(kind_and_body):
     kind, body = kind_and_body
     try:
-        req = parse_request(body, kind, LIMITS, "tiny", MODEL)
+        req = parse_request(body, kind, LIMITS, "tiny", MODEL, controlnets=OFFERED_CONTROLNETS)
     except RequestError as e:
         message = str(e)
         assert e.status in (413, 422), (e.status, message)
@@ -124,3 +132,8 @@ def test_any_body_is_a_checked_request_or_a_clean_refusal(kind_and_body):
     assert req.scheduler in SCHEDULERS and req.output in ("json", "png") and np.isfinite(req.guidance)
     req.prompt.encode(), req.negative_prompt.encode()
     assert (req.image is None) == (kind == "txt2img") and (req.image is None or req.image.mode == "RGB")
+    key = req.batch_key()
+    assert len(req.controls) <= LIMITS.max_controls and (key is None or isinstance(hash(key), int))  # a queue's name
+    for c in req.controls:
+        assert c.model in OFFERED_CONTROLNETS and c.image.mode == "RGB" and abs(c.scale) <= 10
+        assert 0 <= c.start < c.end <= 1
