@@ -11,6 +11,7 @@
 #   gpu-run.json  env (GPU, clocks, versions, measured matmul TFLOP/s and copy GB/s), stages, tests, kernels
 #   sd15.json     an `sdfast bench` report: SD 1.5 512x512, 30 euler steps, guidance 7.5, fp16, batch 1 (and 4)
 #   sdxl.json     the same for SDXL 1024x1024, batch 1, if time is left
+#   sd15-controlnet.json  SD 1.5 with one ControlNet per row (diffusers' ControlNet pipeline, triton), if time allows
 #   autotune.json the Triton kernels' autotune winners (commit as kernels/tuned/sm_90.json)
 #   gpu-run.md    every table; gpu-run.png the SD 1.5 chart; run.log.gz every stage's output
 # The short table comes last on stdout.
