@@ -26,6 +26,7 @@ import math
 import re
 import time
 from dataclasses import replace
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,30 +163,41 @@ def caption_table(tokenizer: Tokenizer) -> torch.Tensor:
 def train_denoiser(text_encoder: CLIPTextModel, unet: UNet, means: torch.Tensor, stds: torch.Tensor,
                    scene_ids: torch.Tensor, captions: torch.Tensor, scaling_factor: float, steps: int, batch: int,
                    lr: float, generator: torch.Generator, log_every: int) -> float:
-    """Text encoder + U-Net on epsilon prediction. Each sample: a fresh posterior draw of its latent, a random caption
-    variant (or the empty caption), a timestep uniform in [0, 1000), noise added as the scheduler's add_noise does
-    (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps). Returns the final loss (mean of the last 10% of steps)."""
+    """Text encoder + U-Net on epsilon prediction (``noise_prediction``), the captions' token ids (scenes + 1, 8, 77)
+    encoded at every step. Returns the final loss (mean of the last 10% of steps)."""
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    return noise_prediction(lambda xt, t, ids, idx: unet(xt, t, text_encoder(ids)[0]), params, means, stds,
+                            scene_ids, captions, scaling_factor, steps, batch, lr, generator, log_every, "unet")
+
+
+def noise_prediction(predict: Callable, params: list, means: torch.Tensor, stds: torch.Tensor,
+                     scene_ids: torch.Tensor, conditions: torch.Tensor, scaling_factor: float, steps: int,
+                     batch: int, lr: float, generator: torch.Generator, log_every: int, label: str) -> float:
+    """The training loop of every network here (the default model, the demo LoRA and ControlNet): ``params`` on
+    epsilon prediction. Each sample: a fresh posterior draw of its latent, a random wording of its scene's
+    ``conditions`` (scenes + 1, wordings, ...; the empty caption's last, 10% of the time), a timestep uniform in
+    [0, 1000), noise added as the scheduler's add_noise does (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps);
+    ``predict(x_t, t, condition, sample indices)`` is the network's noise estimate; min-SNR-5 weights. Returns the
+    final loss (mean of the last 10% of steps)."""
     alphas_cumprod = make_scheduler("ddim", SCHEDULER_CONFIG).alphas_cumprod  # (1000,)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weights = snr.clamp(max=MIN_SNR_GAMMA) / snr  # min-SNR-gamma for epsilon prediction
-    params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    empty = len(captions) - 1
+    empty, wordings = len(conditions) - 1, conditions.shape[1]
     recent, start = [], time.time()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 10 + 1))
         idx = torch.randint(len(means), (batch,), generator=generator)
         x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scaling_factor
-        variant = torch.randint(8, (batch,), generator=generator)
+        variant = torch.randint(wordings, (batch,), generator=generator)
         dropped = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
-        ids = captions[torch.where(dropped, empty, scene_ids[idx]), variant]  # (B, 77)
+        condition = conditions[torch.where(dropped, empty, scene_ids[idx]), variant]  # (B, ...)
         t = torch.randint(len(alphas_cumprod), (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        context, _ = text_encoder(ids)
-        per_sample = (unet(xt, t, context) - noise).pow(2).mean(dim=(1, 2, 3))
+        per_sample = (predict(xt, t, condition, idx) - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (weights[t] * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +205,7 @@ def train_denoiser(text_encoder: CLIPTextModel, unet: UNet, means: torch.Tensor,
         opt.step()
         recent.append(per_sample.mean().item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"unet step {step + 1:5d}/{steps}  eps mse {np.mean(recent[-log_every:]):.4f}  "
+            print(f"{label} step {step + 1:5d}/{steps}  eps mse {np.mean(recent[-log_every:]):.4f}  "
                   f"{time.time() - start:6.0f} s", flush=True)
     return float(np.mean(recent[-max(1, steps // 10):]))
 
