@@ -8,6 +8,11 @@ out size, position or background ("a red circle"), so short prompts are in the t
 
 ``HELD_OUT`` is a seeded 10% of the combinations that training never renders; their full captions are the prompts
 ``evaluate.py`` measures the model on. Every colour-shape pair still appears in training, in other combinations.
+
+The diamond (a square turned 45 degrees) lies outside that world: the default model never sees one, the demo LoRA
+(``train_lora.py``) learns it from ``DIAMOND_TRAINING_SCENES``. ``DIAMOND_HELD_OUT`` keeps back whole (position,
+background) layouts, so its prompts (``diamond_held_out_prompts()``) are diamond scenes the LoRA never rendered in
+any colour, size or texture.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ COLOURS = {  # RGB; hues spread round the wheel so a checker can tell them apart
     "blue": (40, 80, 220),
     "purple": (140, 50, 190),
 }
+PALETTE = COLOURS  # the name sdfast/shapes/train_controlnet.py imports
 SIZES = {"small": 0.15, "large": 0.26}  # shape radius as a fraction of the image side
 POSITIONS = {  # caption phrase -> centre (x, y) as fractions of the image side
     "top left": (0.32, 0.32), "top right": (0.68, 0.32), "center": (0.5, 0.5),
@@ -65,11 +71,25 @@ ALL_SCENES = tuple(Scene(*combo) for combo in itertools.product(
 HELD_OUT = tuple(sorted(random.Random(1234).sample(ALL_SCENES, len(ALL_SCENES) // 10),
                         key=ALL_SCENES.index))
 TRAINING_SCENES = tuple(s for s in ALL_SCENES if s not in set(HELD_OUT))
+# Not in SHAPES, so ALL_SCENES, HELD_OUT and make_dataset's defaults stay the default model's world.
+DEMO_SHAPES = (*SHAPES, "diamond")  # what the default model with the demo LoRA draws
+DIAMOND_SCENES = tuple(Scene("diamond", *rest) for rest in itertools.product(
+    COLOURS, SIZES, POSITIONS, BACKGROUNDS, TEXTURES))
+# Three seeded positions, one on each background: 3 of the 15 layouts, in every colour, size and texture, 72 scenes.
+# Their positions and backgrounds still appear in training diamonds, only never together.
+_DIAMOND_LAYOUTS = set(zip(random.Random(4321).sample(list(POSITIONS), 3), BACKGROUNDS))
+DIAMOND_HELD_OUT = tuple(s for s in DIAMOND_SCENES if (s.position, s.background) in _DIAMOND_LAYOUTS)
+DIAMOND_TRAINING_SCENES = tuple(s for s in DIAMOND_SCENES if s not in set(DIAMOND_HELD_OUT))
 
 
 def held_out_prompts() -> list[str]:
     """The full captions of the held-out scenes: prompts the model never saw paired with an image."""
     return [scene.caption() for scene in HELD_OUT]
+
+
+def diamond_held_out_prompts() -> list[str]:
+    """The full captions of the held-out diamond scenes: what the demo LoRA is measured on."""
+    return [scene.caption() for scene in DIAMOND_HELD_OUT]
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -78,6 +98,9 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "square":
         h = 0.88 * r
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "diamond":  # the square turned 45 degrees; half-diagonal 1.25 r: 3.1 r^2, the square's area
+        R = 1.25 * r
+        return [(cx, cy - R), (cx + R, cy), (cx, cy + R), (cx - R, cy)]
     if shape == "triangle":  # equilateral, pointing up, centred on its centroid
         R = 1.25 * r
         return [(cx + R * np.cos(a), cy + R * np.sin(a)) for a in np.radians([-90, 30, 150])]
@@ -115,11 +138,12 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def make_dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
-    """``n`` training images (N, size, size, 3) uint8 and their scenes: combinations drawn uniformly from the
-    training (not held-out) scenes. The same ``n`` and ``seed`` give the same data."""
+def make_dataset(n: int, seed: int, size: int = IMAGE_SIZE, scenes: tuple[Scene, ...] = TRAINING_SCENES
+                 ) -> tuple[np.ndarray, list[Scene]]:
+    """``n`` training images (N, size, size, 3) uint8 and their scenes: combinations drawn uniformly from
+    ``scenes`` (default: the default model's training, not held-out, scenes). The same arguments give the same
+    data."""
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(TRAINING_SCENES), n)
-    scenes = [TRAINING_SCENES[i] for i in picks]
-    images = np.stack([render(scene, rng, size) for scene in scenes]) if n else np.zeros((0, size, size, 3), np.uint8)
-    return images, scenes
+    drawn = [scenes[i] for i in rng.integers(0, len(scenes), n)]
+    images = np.stack([render(scene, rng, size) for scene in drawn]) if n else np.zeros((0, size, size, 3), np.uint8)
+    return images, drawn

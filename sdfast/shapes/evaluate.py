@@ -7,6 +7,13 @@ at 20 Euler steps with guidance, and the checker compares the image's colour and
 figures go to ``evaluation.json``; the pictures are a colour x shape grid of short prompts (``grid.png``), the
 step-by-step preview strip (the model's clean-image estimate, VAE-decoded, at steps 1, 2, 4, 5, 10, 20:
 ``previews.png``) and an interpolation (``interpolate.png``).
+
+    python -m sdfast.shapes.evaluate --lora sdfast/data/loras/diamond.safetensors   # the demo LoRA's effect
+
+measures the demo LoRA (``train_lora.py``) instead: the held-out diamond prompts (``dataset.diamond_held_out_prompts``,
+checked with the diamond among the shapes, ``dataset.DEMO_SHAPES``) and the default model's held-out prompts
+(checked as above), each without and with the LoRA, into ``lora_evaluation.json``; ``lora_diamond.png`` shows
+"a <colour> diamond" without and with it.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +33,7 @@ from ..interpolate import interpolate, strip
 from ..loading import load
 from ..pipeline import Pipeline
 from .checker import check, prompt_attributes
-from .dataset import COLOURS, SHAPES, held_out_prompts
+from .dataset import COLOURS, DEMO_SHAPES, SHAPES, diamond_held_out_prompts, held_out_prompts
 
 STEPS = 20
 GUIDANCE = 7.5
@@ -33,16 +41,18 @@ PREVIEW_STEPS = (1, 2, 4, 5, 10, 20)
 CELL = 128  # pictures are upscaled from 64 px so they read at README width
 
 
-def measure(pipe: Pipeline, prompts: list[str], steps: int, guidance: float, batch: int = 16) -> dict:
-    """Generate every prompt (seed = its index's batch start) and check it; the agreement figures."""
+def measure(pipe: Pipeline, prompts: list[str], steps: int, guidance: float, batch: int = 16,
+            shapes: Sequence[str] = SHAPES) -> dict:
+    """Generate every prompt (seed = its index's batch start) and check it, a shape being one of ``shapes``; the
+    agreement figures."""
     checks = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         images = pipe.generate(chunk, steps=steps, guidance_scale=guidance, scheduler="euler", seed=i).images
-        checks += [check(image, prompt) for image, prompt in zip(images, chunk)]
+        checks += [check(image, prompt, shapes) for image, prompt in zip(images, chunk)]
     per_shape, per_colour = defaultdict(list), defaultdict(list)
     for c, prompt in zip(checks, prompts):
-        colour, shape = prompt_attributes(prompt)
+        colour, shape = prompt_attributes(prompt, shapes)
         per_shape[shape].append(c.shape_ok)
         per_colour[colour].append(c.colour_ok)
     return {
@@ -52,6 +62,7 @@ def measure(pipe: Pipeline, prompts: list[str], steps: int, guidance: float, bat
         "both_agreement": float(np.mean([c.colour_ok and c.shape_ok for c in checks])),
         "shape_agreement_by_shape": {k: float(np.mean(v)) for k, v in per_shape.items()},
         "colour_agreement_by_colour": {k: float(np.mean(v)) for k, v in per_colour.items()},
+        "shapes_read": dict(Counter(c.verdict.shape or "none" for c in checks)),
     }
 
 
@@ -88,6 +99,48 @@ def pictures(pipe: Pipeline, out: Path, steps: int, guidance: float) -> None:
     strip([f.resize((CELL, CELL), Image.NEAREST) for f in frames]).save(out / "interpolate.png")
 
 
+def measure_lora(pipe: Pipeline, lora: Path, steps: int, guidance: float) -> dict:
+    """``measure`` on the held-out diamond prompts (the diamond among the shapes) and on the default model's
+    held-out prompts (its four shapes), without and with ``lora`` loaded; the pipeline is left without it."""
+    def both() -> dict:
+        return {"diamond": measure(pipe, diamond_held_out_prompts(), steps, guidance, shapes=DEMO_SHAPES),
+                "default": measure(pipe, held_out_prompts(), steps, guidance)}
+
+    without = both()
+    name = pipe.loras.load(lora)
+    try:
+        return {"without": without, "with": both()}
+    finally:
+        pipe.loras.unload(name)
+
+
+def lora_picture(pipe: Pipeline, lora: Path, steps: int, guidance: float) -> Image.Image:
+    """"a <colour> diamond" for each colour: a row without ``lora``, a row with it (seed 0)."""
+    prompts = [f"a {colour} diamond" for colour in COLOURS]
+    without = pipe.generate(prompts, steps=steps, guidance_scale=guidance, seed=0).images
+    name = pipe.loras.load(lora)
+    try:
+        with_lora = pipe.generate(prompts, steps=steps, guidance_scale=guidance, seed=0).images
+    finally:
+        pipe.loras.unload(name)
+    labels = [f"{colour}, no LoRA" for colour in COLOURS] + [f"{colour}, LoRA" for colour in COLOURS]
+    return _labelled(without + with_lora, labels, columns=len(COLOURS))
+
+
+def _lora_main(pipe: Pipeline, args: argparse.Namespace) -> None:
+    start = time.time()
+    figures = {"lora": Path(args.lora).name, **measure_lora(pipe, args.lora, args.steps, args.guidance),
+               "seconds": round(time.time() - start, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lora_evaluation.json").write_text(json.dumps(figures, indent=2) + "\n")
+    lora_picture(pipe, args.lora, args.steps, args.guidance).save(args.out / "lora_diamond.png")
+    for loaded in ("without", "with"):
+        for prompts, f in figures[loaded].items():
+            print(f"{loaded:7s} LoRA, {f['prompts']:3d} held-out {prompts:7s} prompts: colour "
+                  f"{f['colour_agreement']:.1%}, shape {f['shape_agreement']:.1%}, shapes read {f['shapes_read']}")
+    print(f"{figures['seconds']} s; lora_evaluation.json and lora_diamond.png in {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sdfast.shapes.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
@@ -95,10 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--lora", type=Path, default=None, help="measure this LoRA (the diamond demo) instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load(args.model)
+    if args.lora:
+        return _lora_main(pipe, args)
     start = time.time()
     figures = measure(pipe, held_out_prompts(), args.steps, args.guidance)
     figures["seconds"] = round(time.time() - start, 1)

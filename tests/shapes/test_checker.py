@@ -1,10 +1,11 @@
-"""The checker on ground-truth renders: the colour always, the shape nearly always; no shape on a blank image."""
+"""The checker on ground-truth renders: the colour always, the shape nearly always; no shape on a blank image; the
+demo LoRA's diamond only when asked for."""
 
 import numpy as np
 import pytest
 
 from sdfast.shapes.checker import check, classify, prompt_attributes
-from sdfast.shapes.dataset import ALL_SCENES, HELD_OUT, render
+from sdfast.shapes.dataset import ALL_SCENES, DEMO_SHAPES, DIAMOND_SCENES, HELD_OUT, render
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +38,16 @@ def test_no_shape_on_plain_or_textured_background():
 def test_prompt_attributes():
     assert prompt_attributes("a small Red circle, at the top left") == ("red", "circle")
     assert prompt_attributes("a cat") == (None, None)
+
+
+def test_diamond_is_read_when_asked_for_and_takes_none_of_the_four_shapes(renders):
+    rng = np.random.default_rng(5)
+    diamonds = [render(scene, rng) for scene in DIAMOND_SCENES[::3]]
+    checks = [check(image, scene.caption(), DEMO_SHAPES) for image, scene in zip(diamonds, DIAMOND_SCENES[::3])]
+    assert all(c.colour_ok and c.shape_ok for c in checks), [c.verdict for c in checks if not c.shape_ok][:3]
+    # the default four: a diamond has the triangle's extent and solidity, and a prompt's "diamond" is no shape word
+    assert {classify(image).shape for image in diamonds} == {"triangle"}
+    assert prompt_attributes("a red diamond") == ("red", None)
+    assert prompt_attributes("a red diamond", DEMO_SHAPES) == ("red", "diamond")
+    # with the diamond among the shapes, the four shapes' renders read as before
+    assert all(classify(image, DEMO_SHAPES) == classify(image) for image, _ in renders[::2])

@@ -1,4 +1,5 @@
-"""The synthetic shapes data: deterministic renders, the captions' wording, a held-out split training never sees."""
+"""The synthetic shapes data: deterministic renders, the captions' wording, a held-out split training never sees;
+the demo LoRA's diamond."""
 
 import numpy as np
 
@@ -43,3 +44,11 @@ def test_render_draws_the_scene():
     # the centre of the bottom-right square is its colour (within the +-12 jitter)
     assert abs(image[43, 43] - np.array(COLOURS["green"])).max() <= 12
     assert abs(image[20, 20] - 20).max() <= 1  # top left stays background
+
+
+def test_render_draws_a_diamond_a_square_turned_45_degrees():
+    rng = np.random.default_rng(0)
+    image = render(Scene("diamond", "blue", "large", "center", "white", "plain"), rng).astype(int)
+    assert abs(image[32, 32] - np.array(COLOURS["blue"])).max() <= 12  # the centre
+    assert abs(image[32, 17] - np.array(COLOURS["blue"])).max() <= 12  # towards the left corner, 1.25 r = 21 px out
+    assert abs(image[19, 19] - 240).max() <= 1  # inside a square of this size (0.88 r = 15 px), outside the diamond
