@@ -98,6 +98,7 @@ class ControlNets:
     def load(self, path, name: str | None = None) -> str:
         """Load a ControlNet (a diffusers folder or an original single file) under ``name`` (default: the file's
         or folder's name); returns the name."""
+        self._backend_step()  # before the file is read: an export backend refuses ControlNets whatever their size
         net = load_controlnet(path, self._pipe.device, self._pipe.dtype)
         return self.add(net, name or Path(path).stem)
 
@@ -112,10 +113,7 @@ class ControlNets:
         the backend (``convert``: a ControlNet handed to one call runs as it is; add it here to convert it once)."""
         if not isinstance(net, ControlNet):
             raise TypeError(f"need a ControlNet (sdfast.control.load_controlnet), not a {type(net).__name__}")
-        step = self._pipe.control_step
-        if step is None:
-            raise ValueError("this pipeline runs exported graphs, whose U-Net takes no ControlNet residuals: load "
-                             "the model with backend torch, triton or compile to use ControlNets")
+        step = self._backend_step()
         unet, control = self._pipe.unet.config, net.config
         for field in ("context_dim", "block_channels", "layers_per_block", "added_time_dim", "added_cond_dim"):
             if getattr(unet, field) != getattr(control, field):
@@ -124,6 +122,13 @@ class ControlNets:
                                  "ControlNet needs an SD 1.x model, an SDXL one SDXL)")
         net = net.to(self._pipe.device, self._pipe.dtype)
         return step(net) if convert else net
+
+    def _backend_step(self):
+        """The backend's conversion of a ControlNet; a one-line error where the backend runs none."""
+        if self._pipe.control_step is None:
+            raise ValueError("this pipeline runs exported graphs, whose U-Net takes no ControlNet residuals: load "
+                             "the model with backend torch, triton or compile to use ControlNets")
+        return self._pipe.control_step
 
     def unload(self, name: str | None = None) -> None:
         """Drop the ControlNet called ``name``, or all of them."""
