@@ -14,8 +14,8 @@ from pathlib import Path
 from .errors import ExportError
 from .files import LOCK_TIMEOUT_S, file_lock
 from .graphs import dtype_name
-from .manifest import read_manifest, weights_hash
-from .onnx import DEFAULT_OPSET, export_pipeline, require_onnx
+from .manifest import module_hash, read_manifest, weights_hash
+from .onnx import DEFAULT_OPSET, add_control_graphs, export_pipeline, require_onnx
 
 
 def _private_dir(parent: Path, prefix: str, suffix: str) -> Path:
@@ -44,10 +44,12 @@ def cache_folder(cache_dir, model_hash: str, dtype: str, opset: int) -> Path:
     return Path(cache_dir).expanduser() / f"{model_hash[:20]}-{dtype}-opset{opset}"
 
 
-def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, log=None,
+def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, controlnet: bool = False, log=None,
                   lock_timeout: float = LOCK_TIMEOUT_S) -> Path:
     """The export folder of ``pipe`` under ``cache_dir``, keyed by its weights, dtype and opset: exported (and
-    checked) the first time, reused after.
+    checked) the first time, reused after. ``controlnet``: the entry also holds the controlled U-Net
+    (``unet_control``, a second copy of the U-Net's weights), added to an entry that lacks it; the ControlNets'
+    own graphs are added as they are loaded (``cached_controlnet``).
 
     - A cached entry is verified before it is used: every graph's size and sha256 against its manifest.
     - An entry that fails (changed or truncated graph, unreadable manifest, no manifest) is exported again, once,
@@ -67,6 +69,8 @@ def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, log=None,
     with file_lock(lock, timeout=lock_timeout, what=f"exporting {folder.name}", log=log):
         problem = _cache_problem(folder)
         if problem is None:
+            if controlnet and "unet_control" not in read_manifest(folder, verify=False)["networks"]:
+                add_control_graphs(pipe, folder, unet=True, log=log)
             return folder
         # leftovers of writers that died (the lock is ours, so no one else is writing them)
         for stale in (*folder.parent.glob(f"{folder.name}.*.partial"), *folder.parent.glob(f"{folder.name}.*.old"),
@@ -77,7 +81,8 @@ def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, log=None,
                           RuntimeWarning, stacklevel=2)
         partial = _private_dir(folder.parent, f"{folder.name}.", ".partial")
         try:
-            export_pipeline(pipe, partial, opset=opset, model_hash=model_hash, log=log)
+            export_pipeline(pipe, partial, opset=opset, model_hash=model_hash, controlnets={} if controlnet else None,
+                            log=log)
             replace_folder(partial, folder)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -87,6 +92,18 @@ def cached_export(pipe, cache_dir, *, opset: int = DEFAULT_OPSET, log=None,
             raise ExportError(f"the cached ONNX export {folder} was exported again and is still unusable "
                               f"({problem}): is the disk full or failing? Delete {folder} and try again")
     return folder
+
+
+def cached_controlnet(pipe, folder: Path, net, *, log=None, lock_timeout: float = LOCK_TIMEOUT_S) -> str:
+    """The name of ``net``'s graph in the cache entry ``folder`` (``controlnet_NAME``, NAME its weights hash):
+    exported (and checked) into the entry the first time, under the entry's lock, reused after. ``pipe``: the
+    pipeline the entry runs (its configs give the example inputs)."""
+    name = module_hash(net)[:20]
+    with file_lock(folder.with_name(folder.name + ".lock"), timeout=lock_timeout, what=f"exporting a ControlNet "
+                   f"into {folder.name}", log=log):
+        if name not in read_manifest(folder, verify=False).get("controlnets", {}):
+            add_control_graphs(pipe, folder, controlnets={name: net}, log=log)
+    return name
 
 
 def _cache_problem(folder: Path) -> str | None:

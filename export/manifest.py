@@ -19,6 +19,21 @@ MANIFEST = "manifest.json"
 FORMAT = "sdfast-onnx/1"  # bump when the graphs' signatures change: older folders are then refused
 
 
+def module_hash(net) -> str:
+    """sha256 over one network's config and parameters, as ``weights_hash`` hashes each of a pipeline's (a
+    ControlNet's in the manifest's ``controlnets``)."""
+    h = hashlib.sha256()
+    _hash_into(h, "net", net)
+    return h.hexdigest()
+
+
+def _hash_into(h, name: str, net) -> None:
+    h.update(json.dumps([name, dataclasses.asdict(net.config)], sort_keys=True).encode())
+    for key, t in sorted(net.state_dict().items()):
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+
+
 def weights_hash(pipe) -> str:
     """sha256 over the three networks' configs and parameters (names, dtypes, shapes, bytes): the model hash of
     the manifest and the key of the on-the-fly export cache. Independent of where or how the weights were stored."""
@@ -27,10 +42,7 @@ def weights_hash(pipe) -> str:
         net = getattr(pipe, name)
         if net is None:  # SD 1.x / 2.x: no second encoder; the SDXL refiner: no first
             continue
-        h.update(json.dumps([name, dataclasses.asdict(net.config)], sort_keys=True).encode())
-        for key, t in sorted(net.state_dict().items()):
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+        _hash_into(h, name, net)
     return h.hexdigest()
 
 
@@ -55,6 +67,9 @@ def read_manifest(folder, *, verify: bool = True) -> dict:
         for net in manifest["networks"].values():
             if not (isinstance(net["sha256"], str) and isinstance(net["bytes"], int)):
                 raise TypeError("sha256 / bytes")
+        for name, control in manifest.get("controlnets", {}).items():  # each ControlNet's graph is in networks
+            if control["network"] not in manifest["networks"]:
+                raise KeyError(f"controlnets.{name}.network {control['network']}")
     except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{path} is malformed ({type(e).__name__}: {e}): export the model again") from e
     for file in files:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import shutil
@@ -33,18 +34,22 @@ from pathlib import Path
 
 import torch
 
+from sdfast.files import write_atomically
+
 from .check import check, check_memory_problem
 from .errors import ExportError
 from .external_data import EXTERNAL_DATA_BYTES, inline_below, save
 from .files import file_hash
 from .graphs import (
     GraphSpec,
+    controlled_unet_spec,
+    controlnet_spec,
     dtype_name,
     graph_specs,
     pipeline_networks,
     text_final_norm,
 )
-from .manifest import FORMAT, MANIFEST, weights_hash
+from .manifest import FORMAT, MANIFEST, module_hash, read_manifest, weights_hash
 from .memory import peak_rss, release_memory, reset_peak_rss
 from .session import HAS_ONNXRUNTIME
 from .weights import locate
@@ -112,12 +117,21 @@ def to_onnx(spec: GraphSpec, opset: int, path: Path) -> "onnx.ModelProto":
         program = torch.onnx.export(
             spec.module.eval(), tuple(spec.inputs.values()), dynamo=True, opset_version=opset, verbose=False,
             input_names=list(spec.inputs), output_names=list(spec.outputs), optimize=True,
-            dynamic_shapes=tuple(spec.dynamic[name] for name in spec.inputs))
+            dynamic_shapes=_dynamic_shapes(spec))
         program.save(str(path), external_data=True)
     del program  # (its ONNX model shares the torch tensors: nothing large is freed, but nothing is kept either)
     model = onnx.load(str(path), load_external_data=False)
     inline_below(model, path.parent, SLIM_INLINE_BYTES)
     return model
+
+
+def _dynamic_shapes(spec: GraphSpec) -> tuple:
+    """``spec.dynamic`` in the order of the module's arguments, those a ``*rest`` argument takes as one tuple (the
+    controlled U-Net's residuals: their number follows the model's config)."""
+    shapes = [spec.dynamic[name] for name in spec.inputs]
+    params = inspect.signature(spec.module.forward).parameters.values()
+    named = sum(p.kind != p.VAR_POSITIONAL for p in params)
+    return tuple(shapes) if named == len(params) else (*shapes[:named], tuple(shapes[named:]))
 
 
 def op_counts(model: "onnx.ModelProto") -> collections.Counter:
@@ -219,17 +233,42 @@ def network_summary(r: NetworkReport) -> str:
             f"onnxslim ({slim_summary(r.slim)}), export {r.export_s:.1f} s, {checked}{peak}")
 
 
-LORA_NETWORKS = ("unet", "text_encoder", "text_encoder_2")  # what LoRAs patch: their weights are located for them
+# what LoRAs patch, by graph: their weights are located for them (the controlled U-Net is the U-Net's second graph)
+LORA_NETWORKS = {"unet": "unet", "unet_control": "unet", "text_encoder": "text_encoder",
+                 "text_encoder_2": "text_encoder_2"}
+
+
+def _export_specs(pipe, specs: list[GraphSpec], folder: Path, opset: int, check_graphs: bool,
+                  external_data_bytes: int, log) -> dict[str, NetworkReport]:
+    reports = {}
+    for spec in specs:
+        reports[spec.name] = export_network(spec, folder, opset, check_graph=check_graphs,
+                                            external_data_bytes=external_data_bytes)
+        if spec.name in LORA_NETWORKS:
+            reports[spec.name].weights = locate(folder / reports[spec.name].file,
+                                                getattr(pipe, LORA_NETWORKS[spec.name]))
+        if log:
+            log(network_summary(reports[spec.name]))
+    return reports
+
+
+def _controlnet_entry(net, name: str) -> dict:
+    """The manifest's record of one ControlNet graph: its network, weights hash and config."""
+    return {"network": f"controlnet_{name}", "hash": module_hash(net), "config": dataclasses.asdict(net.config)}
 
 
 def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: bool = True,
                     external_data_bytes: int = EXTERNAL_DATA_BYTES, networks=None, model_hash: str | None = None,
-                    log=None) -> dict:
+                    controlnets: dict | None = None, log=None) -> dict:
     """Export a loaded torch ``Pipeline`` (on the CPU, in fp32 or fp16) to ``folder``: one ONNX file per network
     (``networks``, default all of the pipeline's), the tokenizer(s), the scheduler config and ``manifest.json``.
     Each graph is slimmed, then checked on ONNX Runtime against the torch model (``check_graphs``; off, the graphs
     are written unchecked and the manifest's ``check`` entries are null). Returns the manifest. ``log(line)`` hears
-    about each network; ``model_hash`` saves hashing the weights again when the caller has done it."""
+    about each network; ``model_hash`` saves hashing the weights again when the caller has done it.
+
+    ``controlnets`` ({name: ``ControlNet``} on the CPU in the pipeline's dtype; ``{}`` for none yet) adds the
+    controlled U-Net ``unet_control`` and one ``controlnet_NAME`` graph each; the manifest's ``controlnets`` maps
+    each name to its network, weights hash and config."""
     require_onnx()
     dtype = dtype_name(pipe.dtype)
     if pipe.device.type != "cpu":
@@ -245,16 +284,12 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # a half-written folder never looks complete
-    reports = {}
-    for spec in graph_specs(pipe):
-        if spec.name not in networks:
-            continue
-        reports[spec.name] = export_network(spec, folder, opset, check_graph=check_graphs,
-                                            external_data_bytes=external_data_bytes)
-        if spec.name in LORA_NETWORKS:
-            reports[spec.name].weights = locate(folder / reports[spec.name].file, getattr(pipe, spec.name))
-        if log:
-            log(network_summary(reports[spec.name]))
+    for name in controlnets or {}:
+        _check_controlnet_name(name)
+    specs = [spec for spec in graph_specs(pipe) if spec.name in networks]
+    if controlnets is not None:
+        specs += [controlled_unet_spec(pipe)] + [controlnet_spec(pipe, net, name) for name, net in controlnets.items()]
+    reports = _export_specs(pipe, specs, folder, opset, check_graphs, external_data_bytes, log)
     tokenizers = {name: tok for name, tok in (("tokenizer", pipe.tokenizer), ("tokenizer_2", pipe.tokenizer_2))
                   if tok is not None}
     for name, tokenizer in tokenizers.items():
@@ -274,7 +309,34 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
         "options": pipe.xl_options,  # SDXL's force_zeros_for_empty_prompt / requires_aesthetics_score
         "scheduler_config": "scheduler/scheduler_config.json",
         "networks": {name: dataclasses.asdict(r) for name, r in reports.items()},
+        "controlnets": {name: _controlnet_entry(net, name) for name, net in (controlnets or {}).items()},
         "tools": tool_versions(),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _check_controlnet_name(name: str) -> None:
+    if not (isinstance(name, str) and name and all(c.isalnum() or c in "-_." for c in name)):
+        raise ExportError(f"ControlNet name {name!r}: use letters, digits, '-', '_' and '.' only (it names the "
+                          "graph file controlnet_NAME.onnx)")
+
+
+def add_control_graphs(pipe, folder, *, unet: bool = False, controlnets: dict | None = None, log=None) -> dict:
+    """Add to the complete export ``folder`` the controlled U-Net (``unet``: needs ``pipe``'s torch U-Net) and
+    ``controlnets`` ({name: ``ControlNet``}; ``pipe`` may then be the exported pipeline, only its configs are read),
+    in the export's opset, each checked against torch; ``manifest.json`` is rewritten whole once they are written.
+    The caller holds the folder (the export cache's lock). Returns the new manifest."""
+    require_onnx()
+    folder = Path(folder)
+    manifest = read_manifest(folder, verify=False)
+    for name in controlnets or {}:
+        _check_controlnet_name(name)
+    specs = ([controlled_unet_spec(pipe)] if unet else []) + [controlnet_spec(pipe, net, name)
+                                                              for name, net in (controlnets or {}).items()]
+    reports = _export_specs(pipe, specs, folder, manifest["opset"], True, EXTERNAL_DATA_BYTES, log)
+    manifest["networks"].update({name: dataclasses.asdict(r) for name, r in reports.items()})
+    manifest.setdefault("controlnets", {}).update({name: _controlnet_entry(net, name)
+                                                   for name, net in (controlnets or {}).items()})
+    write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest

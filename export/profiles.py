@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import EngineError
+from .graphs import residual_names, skip_shapes
 
 if TYPE_CHECKING:  # annotations only: sdfast.export.tensorrt imports this module
     from .tensorrt import Engine
@@ -55,7 +56,9 @@ def profiles(network: str, manifest: dict, shapes: Shapes) -> list[dict[str, lis
     """The optimisation profiles of one network: [{input: [min, opt, max]}], one per size range (one in all for
     the text encoder, which does not see the image). The U-Net's batch doubles under classifier-free guidance;
     the optimum is the smallest size at the smallest batch, guided. SDXL's U-Net also takes ``text_embeds`` and
-    ``time_ids``, one row per sample."""
+    ``time_ids``, one row per sample. A ControlNet's graph takes the U-Net's inputs and its control image (in
+    pixels); the controlled U-Net the U-Net's inputs and the residuals, each at its level's latent size
+    (``skip_shapes``)."""
     configs = manifest["configs"]
     unet, vae = configs["unet"], configs["vae"]
     te = configs.get("text_encoder") or configs["text_encoder_2"]  # the SDXL refiner has only the second
@@ -66,7 +69,7 @@ def profiles(network: str, manifest: dict, shapes: Shapes) -> list[dict[str, lis
         return [{"input_ids": [[1, tokens], [2 * b0, tokens], [2 * b1 * shapes.prompt_chunks, tokens]]}]
     out = []
     for (w0, h0), (w1, h1) in shapes.sizes:
-        if network == "unet":
+        if network == "unet" or network == "unet_control" or network.startswith("controlnet_"):
             c, ctx = unet["in_channels"], unet["context_dim"]
             out.append({
                 "sample": [[b0, c, h0 // f, w0 // f], [2 * b0, c, h0 // f, w0 // f], [2 * b1, c, h1 // f, w1 // f]],
@@ -78,6 +81,16 @@ def profiles(network: str, manifest: dict, shapes: Shapes) -> list[dict[str, lis
                 numbers = (unet["added_cond_dim"] - pooled) // unet["added_time_dim"]
                 out[-1].update({name: [[b0, width], [2 * b0, width], [2 * b1, width]]
                                 for name, width in (("text_embeds", pooled), ("time_ids", numbers))})
+            if network == "unet_control":  # a residual per skip, then the middle block's, at their levels' sizes
+                levels = [*skip_shapes(unet), (unet["block_channels"][-1], len(unet["block_channels"]) - 1)]
+                for name, (ch, level) in zip(residual_names(unet), levels):
+                    lo = [-(-side // f // 2**level) for side in (h0, w0)]
+                    hi = [-(-side // f // 2**level) for side in (h1, w1)]
+                    out[-1][name] = [[b0, ch, *lo], [2 * b0, ch, *lo], [2 * b1, ch, *hi]]
+            elif network.startswith("controlnet_"):  # the control image, in pixels, one per latent
+                image = next(entry["config"]["conditioning_channels"] for entry in manifest["controlnets"].values()
+                             if entry["network"] == network)
+                out[-1]["image"] = [[b0, image, h0, w0], [2 * b0, image, h0, w0], [2 * b1, image, h1, w1]]
         elif network == "vae_decoder":
             c = vae["latent_channels"]
             out.append({"latent": [[b0, c, h0 // f, w0 // f], [b0, c, h0 // f, w0 // f], [b1, c, h1 // f, w1 // f]]})

@@ -51,9 +51,12 @@ class Pipeline:
     # the words the model was trained on, when its folder says (vocabulary.json: the shipped default model's):
     # prompts with others get a warning rather than a silently unrelated picture
     vocabulary: frozenset[str] | None = None
-    # the backend's conversion of a ControlNet as it is added (``pipe.controlnets``); None: the backend runs no
-    # ControlNets (the export backends: their U-Net graph takes no residuals)
+    # the backend's conversion of a ControlNet module as it is added (``pipe.controlnets``); None: the backend runs
+    # no ControlNets
     control_step: Callable[[nn.Module], nn.Module] | None = None
+    # the export backends' way from a ControlNet file to its exported graph (``pipe.controlnets.load``,
+    # ``sdfast.backends.exported.ControlGraphs``); None: files load as torch modules, through ``control_step``
+    control_loader: Callable | None = None
     # one call at a time (run()), and the VAE's twins in other dtypes (_vae()): per pipeline, never copied over
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     _twins: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -210,11 +213,14 @@ class Pipeline:
     # -- the stages --
 
     def _check_vocabulary(self, r: Request) -> None:
+        """The notice for words neither the model nor the LoRAs this call uses were trained on."""
         if self.vocabulary is None or r.prompts is None:
             return
-        unknown = sorted({w for p in r.prompts for w in re.findall(r"[a-z]+", p.lower())} - self.vocabulary)
+        used = self.loras.scales if r.loras is None else r.loras
+        known = self.vocabulary.union(*(self.loras[name].words for name in used if name in self.loras))
+        unknown = sorted({w for p in r.prompts for w in re.findall(r"[a-z]+", p.lower())} - known)
         if unknown:
-            warnings.warn(OutsideVocabulary(unknown, self.vocabulary), stacklevel=3)
+            warnings.warn(OutsideVocabulary(unknown, known), stacklevel=3)
 
     def _use_loras(self, r: Request) -> None:
         """Merge the request's LoRAs (or the loaded ones at their default scales) into the weights."""

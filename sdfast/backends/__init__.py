@@ -47,6 +47,13 @@ def get(name: str) -> Backend | ModuleType:
     return importlib.import_module(f"{__name__}.{MODULES[name]}")
 
 
+def control_options(name: str, controlnets: bool) -> dict:
+    """``sdfast.load`` options for backend ``name`` when the pipeline will run ControlNets (``controlnets``): the
+    export backends' ``controlnet=True`` (a checkpoint's export then holds the U-Net graph that takes their
+    residuals); none for the backends that run torch modules."""
+    return {"controlnet": True} if controlnets and not get(name).IN_PLACE else {}
+
+
 def cache_dir() -> Path:
     """Where checkpoints exported on the fly are kept: ``$SDFAST_CACHE``, else ``~/.cache/sdfast``."""
     return Path(os.environ.get("SDFAST_CACHE") or "~/.cache/sdfast").expanduser()

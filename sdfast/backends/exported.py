@@ -3,10 +3,15 @@ with the torch modules' call signatures and ``.config``, and the way from a chec
 
 A backend supplies one ``Runner`` per graph (``run(inputs, outputs) -> {name: tensor}``; ``inputs``: {name: tensor};
 ``outputs``: {name: shape}, so a runner can allocate them on the device up front; ``run.max_batch(input)``: the
-most rows it takes) through its ``runners(folder, manifest, device, **options)``; the classes here turn those into
-what the pipeline calls:
+most rows it takes) through its ``runners(folder, manifest, device, networks=NAMES, **options)``; the classes here
+turn those into what the pipeline calls:
 ``text_encoder(ids, clip_skip)``, ``unet(x, t, context)`` (SDXL: ``text_embeds`` and ``time_ids`` too),
 ``vae.encode(image, generator)`` and ``vae.decode(latents)``. Graph signatures: ``sdfast.export.graphs``.
+
+ControlNets: the U-Net runs the controlled graph (``unet_control``) when a call passes residuals, the plain one
+otherwise; ``ControlNet`` runs a ControlNet's graph with the torch ``ControlNet``'s signature, so the pipeline sums
+and scales residuals as on every backend; ``ControlGraphs`` finds (export folder) or exports (export cache) the graph
+of a ControlNet file for ``pipe.controlnets.load``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,15 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from sdfast.export.graphs import residual_names, skip_shapes
+
 from ..checkpoint import read_json
+from ..control.controls import check_fits
 from ..models import CLIPTextConfig, UNetConfig, VAEConfig, image_side
+from ..models.controlnet import ControlNetConfig
 from ..models.vae import sample_posterior
 from ..tokenizer import Tokenizer
+from .eager import as_loaded
 
 
 class Runner(Protocol):
@@ -45,8 +55,10 @@ class GraphWeights:
     manifest's ``weights`` for the graph ({module path: [initializer, transposed, shape]},
     ``sdfast.export.weights``)."""
 
-    def __init__(self, run: Runner, graph: Path, places: dict[str, list], dtype: torch.dtype):
-        self.run, self.graph, self.dtype = run, graph, dtype
+    def __init__(self, run: Runner, graph: Path, places: dict[str, list], dtype: torch.dtype,
+                 also: GraphWeights | None = None):
+        # ``also``: the same network's other graph (the controlled U-Net), whose weights every write changes alike
+        self.run, self.graph, self.dtype, self.also = run, graph, dtype, also
         self.places = {path: (name, transposed) for path, (name, transposed, _) in places.items()}
         self.shapes = {path: tuple(shape) for path, (_, _, shape) in places.items()}
 
@@ -62,6 +74,8 @@ class GraphWeights:
         self.run.set_initializers({self.places[path][0]: None if path in pristine else
                                    as_initializer(value, self.places[path][1], self.dtype)
                                    for path, value in weights.items()})
+        if self.also is not None:
+            self.also.write(weights, pristine)
 
 
 class TextEncoder:
@@ -95,16 +109,22 @@ class TextEncoder:
 
 class UNet:
     """``unet(x (B, 4, h, w), t () or (B,), context (B, 77*K, C)) -> noise (B, 4, h, w)``, as ``UNet``; SDXL also
-    takes ``text_embeds`` (B, P) and ``time_ids`` (B, n)."""
+    takes ``text_embeds`` (B, P) and ``time_ids`` (B, n), and a ControlNet's ``down_residuals`` / ``mid_residual``
+    run the controlled graph (``controlled``; None: the export has none, and ``no_control`` says how to get it)."""
 
-    def __init__(self, run: Runner, config: UNetConfig, weights: GraphWeights | None = None):
+    def __init__(self, run: Runner, config: UNetConfig, weights: GraphWeights | None = None,
+                 controlled: Runner | None = None, no_control: str = ""):
         self.run, self.config, self._weights = run, config, weights
+        self.controlled, self.no_control = controlled, no_control
+        self.residuals = residual_names(dataclasses.asdict(config))  # the controlled graph's extra inputs
 
     def weights(self) -> GraphWeights:
         return _patchable(self._weights, "U-Net")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                 down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]).float()  # (B,) fp32, as the graph
         b, _, h, w = x.shape
         inputs = {"sample": x, "timestep": t, "context": context}
@@ -113,11 +133,82 @@ class UNet:
                 raise ValueError("this is an SDXL U-Net: pass text_embeds (B, pooled width) and time_ids (B, n), "
                                  "as Pipeline.generate does")
             inputs.update(text_embeds=text_embeds, time_ids=time_ids.float())  # (B, P), (B, n) fp32, as the graph
-        return self.run(inputs, {"noise": (b, self.config.out_channels, h, w)})["noise"]
+        run = self.run
+        if down_residuals is not None:
+            if self.controlled is None:
+                raise ValueError(self.no_control)
+            inputs.update(zip(self.residuals, [*down_residuals, mid_residual], strict=True))
+            run = self.controlled
+        return run(inputs, {"noise": (b, self.config.out_channels, h, w)})["noise"]
 
     def max_batch(self) -> int | None:
         """The most latents one call takes (twice the images under guidance), or None when any number runs."""
         return self.run.max_batch("sample")
+
+
+class ControlNet:
+    """``controlnet(x, t, context, image, scale, text_embeds, time_ids) -> (down residuals, mid residual)``, as
+    the torch ``ControlNet``: the graph gives the residuals unscaled, ``scale`` multiplies them here."""
+
+    def __init__(self, run: Runner, config: ControlNetConfig):
+        self.run, self.config = run, config
+        unet = dataclasses.asdict(config)
+        self.levels = [*skip_shapes(unet), (config.block_channels[-1], len(config.block_channels) - 1)]
+        self.names = residual_names(unet)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, image: torch.Tensor,
+                 scale: float = 1.0, text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]).float()  # (B,) fp32, as the graph
+        b, _, h, w = x.shape
+        inputs = {"sample": x, "timestep": t, "context": context, "image": image}
+        if self.config.added_time_dim is not None:
+            inputs.update(text_embeds=text_embeds, time_ids=time_ids.float())
+        pooled = self.config.global_pool  # residuals averaged over space: (B, C, 1, 1)
+        shapes = {name: (b, c, 1, 1) if pooled else (b, c, -(-h // 2**level), -(-w // 2**level))
+                  for name, (c, level) in zip(self.names, self.levels)}
+        out = self.run(inputs, shapes)
+        return [out[name] * scale for name in self.names[:-1]], out["mid"] * scale
+
+
+class ControlGraphs:
+    """``Pipeline.control_loader`` of the export backends: ``graphs(pipe, path)`` is the exported ``ControlNet`` of
+    the ControlNet file ``path``. From an export folder: the graph ``sdfast export --controlnet PATH`` wrote under
+    the file's name (``controlnet_NAME``; the file itself is not read). From the export cache (``cached``): the
+    ControlNet is read on the CPU and its graph, named by its weights hash, exported into the entry the first time.
+    ``no_control``: the refusal when the export has no controlled U-Net."""
+
+    def __init__(self, runners: Callable, folder: Path, device: torch.device, options: dict, cached: bool,
+                 no_control: str):
+        self.runners, self.folder, self.device, self.options = runners, folder, device, options
+        self.cached, self.no_control = cached, no_control
+
+    def __call__(self, pipe, path) -> ControlNet:
+        from sdfast.export.manifest import read_manifest
+
+        manifest = read_manifest(self.folder, verify=False)
+        if "unet_control" not in manifest["networks"]:
+            raise ValueError(self.no_control)
+        if self.cached:
+            from sdfast.export.cache import cached_controlnet
+
+            from ..control.loading import load_controlnet
+
+            net = load_controlnet(path, "cpu", pipe.dtype)
+            check_fits(pipe.unet.config, net.config)
+            name = cached_controlnet(pipe, self.folder, net)
+            del net
+        else:
+            name = Path(path).stem
+        manifest = read_manifest(self.folder)  # the new graph verified, the others' hashes known already
+        entry = manifest.get("controlnets", {}).get(name)
+        if entry is None:
+            raise ValueError(f"{self.folder} has no graph of the ControlNet {name!r} (it holds: "
+                             f"{', '.join(manifest.get('controlnets', {})) or 'none'}): export it with `sdfast "
+                             f"export MODEL -o {self.folder} --controlnet {path}`")
+        network = entry["network"]
+        run = self.runners(self.folder, manifest, self.device, networks=(network,), **self.options)[network]
+        return ControlNet(run, config(ControlNetConfig, entry["config"]))
 
 
 class VAE:
@@ -153,28 +244,37 @@ def _patchable(weights: GraphWeights | None, what: str) -> GraphWeights:
     return weights
 
 
+def base_networks(manifest: dict) -> tuple[str, ...]:
+    """The graphs a pipeline runs from the start: all but the ControlNets' (``pipe.controlnets.load`` adds those)."""
+    return tuple(name for name in manifest["networks"] if not name.startswith("controlnet_"))
+
+
 def config(cls, fields: dict):
     """A config dataclass from its manifest entry (JSON turned its tuples into lists)."""
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def prepare(runners: Callable, pipe, device: torch.device, *, cache: str | Path | None = None,
-            opset: int | None = None, **options):
+            opset: int | None = None, controlnet: bool = False, **options):
     """``pipe`` (torch, on the CPU) with its networks replaced by graphs run through ``runners`` on ``device``. The
-    graphs are exported once into ``cache`` (default ``$SDFAST_CACHE/onnx``) under the weights' hash and reused."""
+    graphs are exported once into ``cache`` (default ``$SDFAST_CACHE/onnx``) under the weights' hash and reused.
+    ``controlnet``: the cache entry holds the controlled U-Net too (a second copy of the U-Net's weights on disk),
+    so that ``pipe.controlnets.load`` works; each ControlNet's graph is exported into the entry as it is loaded."""
     from sdfast.export.cache import cached_export
     from sdfast.export.onnx import DEFAULT_OPSET
 
     from . import cache_dir
 
-    folder = cached_export(pipe, cache or cache_dir() / "onnx", opset=opset or DEFAULT_OPSET)
-    return dataclasses.replace(pipe, **from_folder(runners, folder, device, **options))
+    folder = cached_export(pipe, cache or cache_dir() / "onnx", opset=opset or DEFAULT_OPSET, controlnet=controlnet)
+    return dataclasses.replace(pipe, **from_folder(runners, folder, device, cached=True, **options))
 
 
-def from_folder(runners: Callable, folder: str | Path, device: torch.device, dtype: torch.dtype | None = None,
-                **options) -> dict:
+def from_folder(runners: Callable, folder: str | Path, device: torch.device, dtype: torch.dtype | None = None, *,
+                cached: bool = False, controlnet: bool = False, **options) -> dict:
     """A pipeline's fields from a folder written by ``sdfast export`` (``manifest.json``, the graphs, the tokenizer
-    and the scheduler config), its graphs run through ``runners``. ``dtype``, when given, must be the export's."""
+    and the scheduler config), its graphs run through ``runners``. ``dtype``, when given, must be the export's.
+    ``cached``: the folder is an export-cache entry (ControlNets are exported into it as they load);
+    ``controlnet``: refuse a folder without the controlled U-Net now rather than at the first ControlNet."""
     from sdfast.export.manifest import read_manifest
 
     folder = Path(folder)
@@ -183,7 +283,13 @@ def from_folder(runners: Callable, folder: str | Path, device: torch.device, dty
     if dtype is not None and dtype != exported:
         raise ValueError(f"{folder} was exported in {manifest['dtype']}, so it runs in {exported}, not {dtype}: "
                          "export again with `sdfast export --dtype` for another precision")
-    run = runners(folder, manifest, device, **options)
+    no_control = (f"{folder} has no controlled U-Net graph (unet_control.onnx), so its U-Net takes no ControlNet "
+                  "residuals: " + ("load the checkpoint with controlnet=True (`sdfast serve --controlnet-dir` and "
+                                   "`sdfast generate --control` do), which exports it into the cache" if cached else
+                                   f"export again with `sdfast export MODEL -o {folder} --controlnet PATH`"))
+    if controlnet and "unet_control" not in manifest["networks"]:
+        raise ValueError(no_control)
+    run = runners(folder, manifest, device, networks=base_networks(manifest), **options)
     configs = manifest["configs"]
     # the text encoders the model has (SD: one; SDXL: two; the SDXL refiner: the second), each with its tokenizer
     encoders = [name for name in ("text_encoder", "text_encoder_2") if name in configs]
@@ -191,10 +297,11 @@ def from_folder(runners: Callable, folder: str | Path, device: torch.device, dty
     if missing:
         raise ValueError(f"{folder} lacks the {', '.join(missing)} graph(s): export all of the model's networks")
     final_norm = manifest.get("text_final_norm", True)  # SDXL's graphs hold raw hidden states
-    def weights(name: str) -> GraphWeights | None:  # where LoRAs write (sdfast.export.weights)
-        entry = manifest["networks"][name]
-        return GraphWeights(run[name], folder / entry["file"], entry["weights"], exported) if "weights" in entry \
-            else None
+    def weights(name: str, also: GraphWeights | None = None) -> GraphWeights | None:
+        """Where LoRAs write in graph ``name`` (``sdfast.export.weights``), if the export has it and its map."""
+        entry = manifest["networks"].get(name, {})
+        return GraphWeights(run[name], folder / entry["file"], entry["weights"], exported, also) \
+            if "weights" in entry else None
 
     text = {name: TextEncoder(run[name], config(CLIPTextConfig, configs[name]), final_norm, weights(name))
             for name in encoders}
@@ -202,8 +309,12 @@ def from_folder(runners: Callable, folder: str | Path, device: torch.device, dty
                   for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
                   if name in encoders}
     return dict(tokenizer=tokenizers.get("text_encoder"), text_encoder=text.get("text_encoder"),
-                unet=UNet(run["unet"], config(UNetConfig, configs["unet"]), weights("unet")),
+                unet=UNet(run["unet"], config(UNetConfig, configs["unet"]), weights("unet", weights("unet_control")),
+                          run.get("unet_control"), no_control),
                 vae=VAE(run["vae_encoder"], run["vae_decoder"], config(VAEConfig, configs["vae"])),
                 scheduler_config=read_json(folder / manifest["scheduler_config"]), device=device, dtype=exported,
                 text_encoder_2=text.get("text_encoder_2"), tokenizer_2=tokenizers.get("text_encoder_2"),
-                xl_options=manifest.get("options", {}))  # manifest.json calls them "options"
+                xl_options=manifest.get("options", {}),  # manifest.json calls them "options"
+                # a ControlNet handed over as a torch module runs as one; a file loads as its graph
+                control_step=as_loaded, control_loader=ControlGraphs(runners, folder, device, options, cached,
+                                                                     no_control))

@@ -143,17 +143,17 @@ class Session:
         self.captured.clear()
 
 
-def runners(folder: Path, manifest: dict, device: torch.device, *, providers: list | None = None,
-            cuda_graph: bool = False) -> dict:
-    """One ``Session`` per exported network. ``providers`` overrides the choice of ``providers_for``;
-    ``cuda_graph`` replays CUDA graphs (CUDA provider only)."""
+def runners(folder: Path, manifest: dict, device: torch.device, *, networks: tuple[str, ...] | None = None,
+            providers: list | None = None, cuda_graph: bool = False) -> dict:
+    """One ``Session`` per exported network (``networks``, default every graph of the manifest). ``providers``
+    overrides the choice of ``providers_for``; ``cuda_graph`` replays CUDA graphs (CUDA provider only)."""
     if not HAS_ONNXRUNTIME:
         raise ExportError('the onnxruntime backend needs onnxruntime: pip install "sdfast[onnx]" '
                           "(onnxruntime-gpu for CUDA)")
     if cuda_graph and providers is None:
         providers_for(device, cuda_graph)  # a clear error before any session is made
-    return {name: Session(folder / net["file"], device, providers, cuda_graph)
-            for name, net in manifest["networks"].items()}
+    return {name: Session(folder / manifest["networks"][name]["file"], device, providers, cuda_graph)
+            for name in networks or manifest["networks"]}
 
 
 # -- the backend interface (sdfast.backends.Backend) --

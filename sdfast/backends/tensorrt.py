@@ -158,24 +158,26 @@ def _validity(runtime, data: bytes) -> str:
     return f" ({validity.name}, diagnostics flags {diagnostics:#x})"
 
 
-def runners(folder: Path, manifest: dict, device: torch.device, *, build: bool = False,
-            sizes: list[str] | None = None, batch: list[int] | None = None, prompt_chunks: int = 1,
-            fp16: bool = False) -> dict:
-    """One ``EngineRunner`` per network, from the engines in ``folder/engines``. ``build=True`` builds the missing
-    ones first (for ``sizes`` / ``batch``, default: the model's own size at batch 1); otherwise a missing or stale
-    engine is an EngineError that says to run ``sdfast build``."""
+def runners(folder: Path, manifest: dict, device: torch.device, *, networks: tuple[str, ...] | None = None,
+            build: bool = False, sizes: list[str] | None = None, batch: list[int] | None = None,
+            prompt_chunks: int = 1, fp16: bool = False) -> dict:
+    """One ``EngineRunner`` per network (``networks``, default every graph of the manifest), from the engines in
+    ``folder/engines``. ``build=True`` builds the missing ones first (for ``sizes`` / ``batch``, default: the
+    model's own size at batch 1); otherwise a missing or stale engine is an EngineError that says to run
+    ``sdfast build``."""
     if device.type != "cuda" or not torch.cuda.is_available():
         raise EngineError(f"the tensorrt backend runs on a CUDA GPU (asked for {device}, CUDA available: "
                           f"{torch.cuda.is_available()}); engines can still be built here with `sdfast build`")
     tensorrt()  # a clear error when no TensorRT module is installed
     check_target(device)
+    networks = tuple(networks or manifest["networks"])
     if build:
         configs = manifest["configs"]
         side = image_side(configs["unet"]["sample_size"], len(configs["vae"]["block_channels"]))
         shapes = Shapes.parse(sizes or [f"{side}x{side}"], batch or [1], prompt_chunks)
-        build_engines(folder, shapes, fp16=fp16, networks=tuple(manifest["networks"]), log=lambda _: None)
-    return {name: EngineSet(find_engines(folder, name), device, folder / net["file"])
-            for name, net in manifest["networks"].items()}
+        build_engines(folder, shapes, fp16=fp16, networks=networks, log=lambda _: None)
+    return {name: EngineSet(find_engines(folder, name), device, folder / manifest["networks"][name]["file"])
+            for name in networks}
 
 
 # -- the backend interface (sdfast.backends.Backend) --

@@ -156,6 +156,7 @@ class _Sdfast:
 
     def __init__(self, spec: str, model: Path, settings: Settings, sizes, controlnet: Path | None = None):
         import sdfast
+        from sdfast.backends import control_options
 
         backend, options = parse_backend(spec)
         device = torch.device(settings.device)
@@ -168,6 +169,7 @@ class _Sdfast:
             options = {"compiler": settings.compiler, **options}
             if settings.compile_mode is not None:
                 options.setdefault("mode", settings.compile_mode)
+        options = {**control_options(backend, controlnet is not None), **options}
         self.pipe = sdfast.load(model, device, settings.dtype, backend=backend, **options)
         self.unet_config = self.pipe.unet.config
         self.vae_scale_factor = self.pipe.vae_scale_factor

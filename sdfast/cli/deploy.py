@@ -17,6 +17,10 @@ def add_parsers(sub) -> None:
     exp.add_argument("-o", "--output", type=Path, required=True, help="folder for the graphs and manifest.json")
     exp.add_argument("--dtype", default="fp32", help="fp32 or fp16 graphs (default fp32)")
     exp.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: GroupNormalization)")
+    exp.add_argument("--controlnet", action="append", default=[], type=Path, metavar="PATH",
+                     help="also export this ControlNet (diffusers folder or original file; repeatable) as "
+                          "controlnet_NAME.onnx, NAME its file or folder name, and the U-Net that takes its "
+                          "residuals (unet_control.onnx: a second copy of the U-Net's weights)")
     exp.add_argument("--no-check", dest="check", action="store_false",
                      help="skip the parity check of each graph on ONNX Runtime against the torch model (seconds per "
                           "network at small shapes): a graph that computes something else is then not caught here")
@@ -44,10 +48,16 @@ def run_export(args) -> None:
     if args.model and not Path(args.model).exists():
         raise ValueError(f"model {args.model} does not exist")
     start = time.perf_counter()
+    names = [path.stem for path in args.controlnet]
+    clash = next((name for name in names if names.count(name) > 1), None)
+    if clash is not None:
+        raise ValueError(f"--controlnet: two ControlNets are named {clash!r} (the graph's name is the file's or "
+                         "folder's name): rename one")
     pipe = sdfast.load(args.model or None, device="cpu", dtype=args.dtype)
     if peak_rss():  # the rest of the command's peak is on each network's line
         print(f"{args.model or 'the shipped model'} loaded in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss() / 2**30:.1f} GiB")
-    manifest = export_pipeline(pipe, args.output, opset=args.opset, check_graphs=args.check, log=print)
+    manifest = export_pipeline(pipe, args.output, opset=args.opset, check_graphs=args.check, log=print,
+                               controlnets=_controlnets(pipe, args.controlnet))
     if args.check:
         checks = {name: net["check"] for name, net in manifest["networks"].items()}
         errors = [err for c in checks.values() if "rel_err" in c for err in c["rel_err"].values()]
@@ -60,6 +70,24 @@ def run_export(args) -> None:
                    "exported wrongly, a frozen axis, fp16 overflow) shows only when it is used")
     print(f"{args.output}: {len(manifest['networks'])} graphs ({args.dtype}, opset {args.opset}) and manifest.json "
           f"in {time.perf_counter() - start:.0f} s; {checked}")
+
+
+def _controlnets(pipe, paths: list[Path]) -> dict | None:
+    """``--controlnet`` as {name: ControlNet} on the CPU in the export's dtype, each checked to fit the model; None
+    when none is given (then no controlled U-Net is written)."""
+    from sdfast.control.controls import check_fits
+    from sdfast.control.loading import load_controlnet
+
+    if not paths:
+        return None
+    nets = {}
+    for path in paths:
+        nets[path.stem] = load_controlnet(path, "cpu", pipe.dtype)
+        try:
+            check_fits(pipe.unet.config, nets[path.stem].config)
+        except ValueError as e:
+            raise ValueError(f"--controlnet {path}: {e}") from None
+    return nets
 
 
 def run_build(args) -> None:

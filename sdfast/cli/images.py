@@ -211,6 +211,7 @@ def run(args) -> None:
     import torch
 
     import sdfast
+    from sdfast.backends import control_options
     from sdfast.pipeline import OutsideVocabulary
 
     _check_args(args)
@@ -219,7 +220,9 @@ def run(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     exported = args.model and (Path(args.model) / "manifest.json").is_file()  # runs in its export's dtype
     dtype = args.dtype or (None if exported else "fp16" if device.startswith("cuda") else "fp32")
-    pipe = sdfast.load(args.model or None, device=device, dtype=dtype, backend=getattr(args, "backend", "torch"))
+    backend = getattr(args, "backend", "torch")
+    pipe = sdfast.load(args.model or None, device=device, dtype=dtype, backend=backend,
+                       **control_options(backend, bool(getattr(args, "control", []))))
     load_loras(pipe, args.lora)
     for model in dict.fromkeys(str(model) for model, *_ in getattr(args, "control", [])):
         pipe.controlnets.load(model, name=model)

@@ -72,12 +72,21 @@ def check_controls(value, limits: Limits = Limits()) -> tuple[Control, ...]:
     return tuple(checked)
 
 
+def check_fits(unet, control) -> None:
+    """A one-line error when a ControlNet's config (``control``) was made for another model than ``unet``'s."""
+    for field in ("context_dim", "block_channels", "layers_per_block", "added_time_dim", "added_cond_dim"):
+        if getattr(unet, field) != getattr(control, field):
+            raise ValueError(f"this ControlNet was made for another model: its {field} is "
+                             f"{getattr(control, field)}, this U-Net's {getattr(unet, field)} (an SD 1.x "
+                             "ControlNet needs an SD 1.x model, an SDXL one SDXL)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Active:
     """A control as the loop runs it: the ControlNet, its image (rows, C, H, W) in [0, 1] on the U-Net's device
     (stacked like the conditioning: [negatives; prompts] when guiding), its scale and window."""
 
-    net: torch.nn.Module
+    net: torch.nn.Module  # or the export backends' graph of it (``sdfast.backends.exported.ControlNet``)
     image: torch.Tensor
     scale: float
     start: float
@@ -97,10 +106,17 @@ class ControlNets:
 
     def load(self, path, name: str | None = None) -> str:
         """Load a ControlNet (a diffusers folder or an original single file) under ``name`` (default: the file's
-        or folder's name); returns the name."""
-        self._backend_step()  # before the file is read: an export backend refuses ControlNets whatever their size
-        net = load_controlnet(path, self._pipe.device, self._pipe.dtype)
-        return self.add(net, name or Path(path).stem)
+        or folder's name); returns the name. On the export backends it runs as its exported graph
+        (``Pipeline.control_loader``: found in the export folder by the file's name, or exported into the cache)."""
+        name = name or Path(path).stem
+        if self._pipe.control_loader is not None:
+            net = self._pipe.control_loader(self._pipe, path)
+            check_fits(self._pipe.unet.config, net.config)
+            with self._lock:
+                self._nets[name] = net
+            return name
+        self._backend_step()  # before the file is read: a backend that runs no ControlNets refuses whatever size
+        return self.add(load_controlnet(path, self._pipe.device, self._pipe.dtype), name)
 
     def add(self, net: ControlNet, name: str) -> str:
         """Hold ``net`` (a ``ControlNet`` made for this model) under ``name``, replacing one of that name."""
@@ -114,20 +130,15 @@ class ControlNets:
         if not isinstance(net, ControlNet):
             raise TypeError(f"need a ControlNet (sdfast.control.load_controlnet), not a {type(net).__name__}")
         step = self._backend_step()
-        unet, control = self._pipe.unet.config, net.config
-        for field in ("context_dim", "block_channels", "layers_per_block", "added_time_dim", "added_cond_dim"):
-            if getattr(unet, field) != getattr(control, field):
-                raise ValueError(f"this ControlNet was made for another model: its {field} is "
-                                 f"{getattr(control, field)}, this U-Net's {getattr(unet, field)} (an SD 1.x "
-                                 "ControlNet needs an SD 1.x model, an SDXL one SDXL)")
+        check_fits(self._pipe.unet.config, net.config)
         net = net.to(self._pipe.device, self._pipe.dtype)
         return step(net) if convert else net
 
     def _backend_step(self):
         """The backend's conversion of a ControlNet; a one-line error where the backend runs none."""
         if self._pipe.control_step is None:
-            raise ValueError("this pipeline runs exported graphs, whose U-Net takes no ControlNet residuals: load "
-                             "the model with backend torch, triton or compile to use ControlNets")
+            raise ValueError("this pipeline's backend runs no ControlNets: load the model with backend torch, "
+                             "triton, compile, onnxruntime or tensorrt to use them")
         return self._pipe.control_step
 
     def unload(self, name: str | None = None) -> None:

@@ -67,6 +67,9 @@ class LoRA:
     path: Path
     layout: str  # "kohya", "peft" or "diffusers-legacy"
     patches: dict[tuple[str, str], Patch]
+    # the words of its training captions (kohya's ``ss_tag_frequency`` metadata), which a model's vocabulary
+    # notice counts as known while the LoRA is in use
+    words: frozenset[str] = frozenset()
 
     @property
     def networks(self) -> list[str]:
@@ -193,7 +196,7 @@ def read(path: str | Path, modules: Shapes, unet_config=None) -> LoRA:
     alphas, rslora = _peft_alphas(path, parts)
     patches = {target: _patch(path, target, found, modules, alphas, rslora.get(target[0], False))
                for target, found in sorted(parts.items())}
-    return LoRA(path, "+".join(sorted(layouts)), patches)
+    return LoRA(path, "+".join(sorted(layouts)), patches, _caption_words(path))
 
 
 def _patch(path: Path, target: tuple[str, str], found: dict[str, torch.Tensor],
@@ -216,6 +219,21 @@ def _patch(path: Path, target: tuple[str, str], found: dict[str, torch.Tensor],
         raise LoRAError(f"{where}: updates a {patch.shape} weight but the model's is {shape}: "
                         f"a LoRA for another model{_family_hint([], modules)}")
     return patch
+
+
+def _caption_words(path: Path) -> frozenset[str]:
+    """The words of kohya's ``ss_tag_frequency`` metadata ({dataset: {tag or caption: count}}), lower-cased; none
+    where the file has no such metadata or it is not that JSON."""
+    if path.suffix != ".safetensors":
+        return frozenset()
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get("ss_tag_frequency")
+    try:
+        datasets = json.loads(text) if text else {}
+        return frozenset(word for tags in datasets.values() for tag in tags
+                         for word in re.findall(r"[a-z]+", tag.lower()))
+    except (ValueError, AttributeError, TypeError):  # written by another tool in another shape: no words
+        return frozenset()
 
 
 def _peft_alphas(path: Path, parts) -> tuple[dict[tuple[str, str], float], dict[str, bool]]:

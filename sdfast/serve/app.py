@@ -33,6 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+from ..backends import control_options
 from ..control import Control
 from ..request import ModelFacts
 from . import controlnets
@@ -71,7 +72,8 @@ class PipelineReplica:
         if not cuda:
             torch.set_num_threads(max(1, int(opts.cpus_per_replica)))
         self.pipe = sdfast.load(opts.model, device="cuda" if cuda else "cpu",
-                                dtype=opts.dtype or ("fp16" if cuda else "fp32"), backend=opts.backend)
+                                dtype=opts.dtype or ("fp16" if cuda else "fp32"), backend=opts.backend,
+                                **control_options(opts.backend, opts.controlnet_dir is not None))
         self.size = (self.pipe.default_size, self.pipe.default_size)
         self.loras = LoRACache(self.pipe, listing(opts.lora_dir), opts.max_loaded_loras)
         for name, path in controlnets.listing(opts.controlnet_dir, opts.max_controlnets).items():

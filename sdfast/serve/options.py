@@ -15,7 +15,6 @@ from .requests import Limits
 API_KEY_ENV = "SDFAST_API_KEY"
 # A public bind refuses shorter keys: placeholders that configs ship ("change-me", "secret") and words are guessed.
 MIN_PUBLIC_KEY_CHARS = 16
-EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")  # run exported graphs: no ControlNets (Pipeline.control_step None)
 
 
 @dataclass
@@ -92,9 +91,6 @@ class ServeOptions:
             loras.listing(self.lora_dir)  # a missing folder fails here, before any replica starts
         if self.controlnet_dir is not None:
             controlnets.listing(self.controlnet_dir, self.max_controlnets)  # as lora_dir; also too many, or clashes
-            if self.backend in EXPORTED_BACKENDS:
-                raise ValueError(f"controlnet_dir with backend={self.backend}: its exported U-Net takes no ControlNet "
-                                 "residuals; serve with backend torch, triton or compile")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests={self.max_queued_requests}: need >= 0 (a bounded queue)")
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()

@@ -5,6 +5,7 @@ grey (``dataset.BACKGROUNDS``), so the shape is the largest connected region of 
 of RGB, above half the shape's own). Its colour is the palette colour nearest in hue to the region's median RGB.
 Its shape follows from two ratios of the region's area: to its bounding box (extent: square 1, circle pi/4,
 triangle and star about 1/2) and to its convex hull (solidity: about 1 for the convex shapes, under 0.8 for the star).
+Its position is the caption position (``dataset.POSITIONS``) nearest to the region's centroid.
 
 ``shapes`` is what a verdict chooses from: the default model's four (``dataset.SHAPES``) unless told, so its
 verdicts do not change; the LoRA demo passes ``dataset.DEMO_SHAPES``, which adds the diamond. A diamond has the
@@ -14,6 +15,7 @@ triangle's extent and solidity, but it is its own mirror image top to bottom, wh
 from __future__ import annotations
 
 import colorsys
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .dataset import COLOURS, SHAPES
+from .dataset import COLOURS, POSITIONS, SHAPES
 
 _HUES = {name: colorsys.rgb_to_hsv(*(np.array(rgb) / 255.0))[0] * 360.0 for name, rgb in COLOURS.items()}
 MIN_CHROMA = 40  # below this no shape was drawn: the background's texture has chroma < 10
@@ -42,6 +44,7 @@ DIAMOND_MIRROR = 0.65
 class Verdict:
     colour: str | None  # None: no shape found
     shape: str | None
+    position: str | None  # one of dataset.POSITIONS
     extent: float  # area / bounding-box area
     solidity: float  # area / convex-hull area
 
@@ -107,11 +110,13 @@ def classify(image: Image.Image | np.ndarray, shapes: Sequence[str] = SHAPES) ->
     chroma = rgb.max(axis=-1) - rgb.min(axis=-1)  # (H, W)
     region = _largest_region(chroma > MIN_CHROMA)
     if region.sum() < MIN_AREA:
-        return Verdict(None, None, 0.0, 0.0)
+        return Verdict(None, None, None, 0.0, 0.0)
     # Re-threshold at half the shape's own chroma: anti-aliased edge pixels then count as half in, as they are.
     region = _largest_region(chroma > 0.5 * np.median(chroma[region]))
     colour = _nearest_hue(np.median(rgb[region], axis=0))
     ys, xs = np.nonzero(region)
+    centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / np.array(region.shape[::-1])  # fractions of the side
+    position = min(POSITIONS, key=lambda name: float(np.sum((centre - POSITIONS[name]) ** 2)))
     area = float(len(ys))
     extent = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
@@ -126,15 +131,26 @@ def classify(image: Image.Image | np.ndarray, shapes: Sequence[str] = SHAPES) ->
         shape = "diamond"
     else:
         shape = "triangle"
-    return Verdict(colour, shape, extent, solidity)
+    return Verdict(colour, shape, position, extent, solidity)
 
 
 def prompt_attributes(prompt: str, shapes: Sequence[str] = SHAPES) -> tuple[str | None, str | None]:
     """The colour and shape (of ``shapes``) words a prompt asks for (None where it names none)."""
-    words = prompt.lower().replace(",", " ").split()
+    words = re.findall(r"[a-z]+", prompt.lower())
     colour = next((w for w in words if w in COLOURS), None)
     shape = next((w for w in words if w in shapes), None)
     return colour, shape
+
+
+def prompt_position(prompt: str) -> str | None:
+    """The ``dataset.POSITIONS`` entry a prompt asks for, in any of the words ``phrasing`` uses ("upper-left",
+    "in the middle"), or None where it names none."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    vertical = "top" if words & {"top", "upper"} else "bottom" if words & {"bottom", "lower"} else None
+    horizontal = next((w for w in ("left", "right") if w in words), None)
+    if vertical and horizontal:
+        return f"{vertical} {horizontal}"
+    return "center" if words & {"center", "centre", "middle"} else None
 
 
 @dataclass(frozen=True)
@@ -142,10 +158,14 @@ class Check:
     verdict: Verdict
     colour_ok: bool
     shape_ok: bool
+    position_ok: bool | None  # None: the prompt names no position
 
 
 def check(image: Image.Image | np.ndarray, prompt: str, shapes: Sequence[str] = SHAPES) -> Check:
-    """The checker's verdict on ``image`` and whether it agrees with the colour and shape ``prompt`` names."""
+    """The checker's verdict on ``image`` and whether it agrees with the colour, shape and position ``prompt``
+    names."""
     verdict = classify(image, shapes)
     colour, shape = prompt_attributes(prompt, shapes)
-    return Check(verdict, verdict.colour == colour, verdict.shape == shape)
+    position = prompt_position(prompt)
+    return Check(verdict, verdict.colour == colour, verdict.shape == shape,
+                 None if position is None else verdict.position == position)

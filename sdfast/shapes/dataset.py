@@ -4,7 +4,8 @@ A ``Scene`` is one combination of shape (circle, square, triangle, star), colour
 background (white, gray, black) and texture (plain, textured): 1,440 combinations. ``render`` draws a scene with
 seeded jitter (centre, radius, colour, texture), 4x supersampled and box-filtered so edges are anti-aliased.
 ``Scene.caption`` writes "a small red circle at the top left on a white background", or a shorter form that leaves
-out size, position or background ("a red circle"), so short prompts are in the training distribution too.
+out size, position or background ("a red circle"), so short prompts are in the training distribution too; the
+other ways people word a scene ("red circle top left") are ``phrasing.py``'s.
 
 ``HELD_OUT`` is a seeded 10% of the combinations that training never renders; their full captions are the prompts
 ``evaluate.py`` measures the model on. Every colour-shape pair still appears in training, in other combinations.
@@ -33,7 +34,6 @@ COLOURS = {  # RGB; hues spread round the wheel so a checker can tell them apart
     "blue": (40, 80, 220),
     "purple": (140, 50, 190),
 }
-PALETTE = COLOURS  # the name sdfast/shapes/train_controlnet.py imports
 SIZES = {"small": 0.15, "large": 0.26}  # shape radius as a fraction of the image side
 POSITIONS = {  # caption phrase -> centre (x, y) as fractions of the image side
     "top left": (0.32, 0.32), "top right": (0.68, 0.32), "center": (0.5, 0.5),

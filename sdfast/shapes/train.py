@@ -8,21 +8,32 @@ images <-> 8x8x4 latents), a CLIP text encoder on the real CLIP vocabulary, a U-
 networks are sdfast's own, built from the diffusers / transformers configs below, which are also written as the
 folder's config.json files, so diffusers' StableDiffusionPipeline loads the folder too.
 
-Two stages, CPU only, seeded (the same arguments give the same weights on the same machine and thread count):
+Three stages, CPU only, seeded (the same arguments give the same weights on the same machine and thread count):
 1. the VAE: pixel reconstruction (MSE + L1) plus a small KL term; then its scaling factor = 1 / std of the
    training latents, as SD's 0.18215 was chosen (Rombach et al. 2022, sec. G);
 2. text encoder + U-Net jointly on the noise-prediction objective of the forward process (Ho et al. 2020, eq. 14),
    with SD's scaled_linear schedule, one random timestep per sample, min-SNR-5 loss weights (Hang et al. 2023,
-   eq. 10) and 10% empty captions, so classifier-free guidance has an unconditional model to push away from.
+   eq. 10) and 10% empty captions, so classifier-free guidance has an unconditional model to push away from;
+3. the text encoder alone, with captions worded as people word them (``phrasing.py``: synonyms, articles or none,
+   word order, case, punctuation) beside the templates, distilled through the frozen U-Net: for "red star top left"
+   it learns to give the U-Net the noise estimate that the stage-2 text encoder gives for "a red star at the top
+   left", for the templates the estimate they already had. The U-Net and VAE do not change, so the networks
+   trained on them (the demo LoRA and ControlNet) stay valid.
 Weights are written in fp16 (safetensors).
+
+    python -m sdfast.shapes.train --out sdfast/data/default_model --from sdfast/data/default_model
+
+runs the third stage alone on a trained model (``--from``: its folder), rendering the same data.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
+import random
 import re
 import time
 from dataclasses import replace
@@ -39,6 +50,7 @@ from ..models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetCon
 from ..schedulers import SD_SCHEDULE, make_scheduler
 from ..tokenizer import Tokenizer, write_clip_tokenizer
 from .dataset import ALL_SCENES, make_dataset
+from .phrasing import phrasing_words, training_phrasings
 
 VOCABULARY = "vocabulary.json"  # the words the model was trained on, beside model_index.json
 DIFFUSERS_VERSION = "0.42.1"  # the version whose config format these files follow
@@ -86,6 +98,8 @@ MODEL_INDEX = {
 CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional model classifier-free guidance needs
 MIN_SNR_GAMMA = 5.0
 KL_WEIGHT = 1e-4  # enough to keep latents bounded and the posterior smooth, small enough not to blur
+TEXT_STEPS, TEXT_BATCH, TEXT_LR = 1500, 128, 1e-3  # stage 3
+WORDINGS = 24  # phrased captions per scene in stage 3, beside its 8 template wordings
 
 
 def build_networks(scaling_factor: float = 1.0) -> tuple[AutoencoderKL, CLIPTextModel, UNet]:
@@ -160,6 +174,39 @@ def caption_table(tokenizer: Tokenizer) -> torch.Tensor:
     return tokenizer.encode(captions).view(len(ALL_SCENES) + 1, 8, -1)
 
 
+def phrasing_table(tokenizer: Tokenizer, wordings: int, seed: int) -> torch.Tensor:
+    """Token ids (scenes + 1, 8 + wordings, 2, 77): every scene's eight template wordings (``caption_table``'s),
+    then ``wordings`` in training phrasing styles (seeded), each beside the template caption that says the same
+    attributes (a template beside itself); the empty caption last."""
+    rng = random.Random(seed)
+    pairs = [pair for scene in ALL_SCENES for pair in training_phrasings(scene, wordings, rng)]
+    pairs += [("", "")] * wordings
+    phrased = torch.stack([tokenizer.encode([p for p, _ in pairs]), tokenizer.encode([t for _, t in pairs])], dim=1)
+    templates = caption_table(tokenizer)
+    return torch.cat([templates.unsqueeze(2).expand(-1, -1, 2, -1),
+                      phrased.view(len(ALL_SCENES) + 1, wordings, 2, -1)], dim=1)
+
+
+def train_phrasings(text_encoder: CLIPTextModel, unet: UNet, means: torch.Tensor, stds: torch.Tensor,
+                    scene_ids: torch.Tensor, captions: torch.Tensor, scaling_factor: float, steps: int, batch: int,
+                    lr: float, generator: torch.Generator, log_every: int) -> float:
+    """The text encoder alone, distilled through the frozen U-Net: for each wording in ``phrasing_table``'s
+    ``captions`` it learns to give the U-Net the noise estimate that a frozen copy of itself gives for the template
+    caption saying the same, so phrasings come to mean their templates and templates keep their meaning. Returns
+    the final loss (mean of the last 10% of steps)."""
+    teacher = copy.deepcopy(text_encoder).eval().requires_grad_(False)
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(True)
+
+    @torch.no_grad()
+    def target(xt, t, ids, idx, noise):
+        return unet(xt, t, teacher(ids[:, 1])[0])
+
+    return noise_prediction(lambda xt, t, ids, idx: unet(xt, t, text_encoder(ids[:, 0])[0]),
+                            list(text_encoder.parameters()), means, stds, scene_ids, captions, scaling_factor, steps,
+                            batch, lr, generator, log_every, "text", target)
+
+
 def train_denoiser(text_encoder: CLIPTextModel, unet: UNet, means: torch.Tensor, stds: torch.Tensor,
                    scene_ids: torch.Tensor, captions: torch.Tensor, scaling_factor: float, steps: int, batch: int,
                    lr: float, generator: torch.Generator, log_every: int) -> float:
@@ -172,13 +219,15 @@ def train_denoiser(text_encoder: CLIPTextModel, unet: UNet, means: torch.Tensor,
 
 def noise_prediction(predict: Callable, params: list, means: torch.Tensor, stds: torch.Tensor,
                      scene_ids: torch.Tensor, conditions: torch.Tensor, scaling_factor: float, steps: int,
-                     batch: int, lr: float, generator: torch.Generator, log_every: int, label: str) -> float:
+                     batch: int, lr: float, generator: torch.Generator, log_every: int, label: str,
+                     target: Callable | None = None) -> float:
     """The training loop of every network here (the default model, the demo LoRA and ControlNet): ``params`` on
     epsilon prediction. Each sample: a fresh posterior draw of its latent, a random wording of its scene's
     ``conditions`` (scenes + 1, wordings, ...; the empty caption's last, 10% of the time), a timestep uniform in
     [0, 1000), noise added as the scheduler's add_noise does (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps);
-    ``predict(x_t, t, condition, sample indices)`` is the network's noise estimate; min-SNR-5 weights. Returns the
-    final loss (mean of the last 10% of steps)."""
+    ``predict(x_t, t, condition, sample indices)`` is the network's noise estimate, learning ``eps`` or, when
+    given, ``target(x_t, t, condition, sample indices, eps)`` (a teacher's estimate); min-SNR-5 weights. Returns
+    the final loss (mean of the last 10% of steps)."""
     alphas_cumprod = make_scheduler("ddim", SCHEDULER_CONFIG).alphas_cumprod  # (1000,)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weights = snr.clamp(max=MIN_SNR_GAMMA) / snr  # min-SNR-gamma for epsilon prediction
@@ -197,7 +246,8 @@ def noise_prediction(predict: Callable, params: list, means: torch.Tensor, stds:
         noise = torch.randn(x0.shape, generator=generator)
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        per_sample = (predict(xt, t, condition, idx) - noise).pow(2).mean(dim=(1, 2, 3))
+        goal = noise if target is None else target(xt, t, condition, idx, noise)
+        per_sample = (predict(xt, t, condition, idx) - goal).pow(2).mean(dim=(1, 2, 3))
         loss = (weights[t] * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,7 +255,7 @@ def noise_prediction(predict: Callable, params: list, means: torch.Tensor, stds:
         opt.step()
         recent.append(per_sample.mean().item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"{label} step {step + 1:5d}/{steps}  eps mse {np.mean(recent[-log_every:]):.4f}  "
+            print(f"{label} step {step + 1:5d}/{steps}  mse {np.mean(recent[-log_every:]):.4g}  "
                   f"{time.time() - start:6.0f} s", flush=True)
     return float(np.mean(recent[-max(1, steps // 10):]))
 
@@ -237,16 +287,36 @@ def write_folder(out: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, une
 
 
 def vocabulary() -> list[str]:
-    """Every word of every caption wording of the shapes world: what the model was trained on (sdfast.load reads
-    it back from the folder to warn about prompts outside it)."""
+    """Every word of every caption wording of the shapes world, templates and phrasings: what the model was trained
+    on (sdfast.load reads it back from the folder to warn about prompts outside it)."""
     wordings = list(itertools.product((False, True), repeat=3))  # size, position, background said or not
-    return sorted({word for scene in ALL_SCENES for said in wordings
-                   for word in re.findall(r"[a-z]+", scene.caption(*said).lower())})
+    return sorted(phrasing_words() | {word for scene in ALL_SCENES for said in wordings
+                                      for word in re.findall(r"[a-z]+", scene.caption(*said).lower())})
+
+
+def phrasing_stage(folder: Path, out: Path, images: np.ndarray, scenes: list, args: argparse.Namespace) -> float:
+    """The third stage on the model in ``folder`` (its fp16 weights, as shipped), written to ``out``: the VAE's
+    latents of ``images``, then ``train_phrasings``. Returns the final loss."""
+    from ..loading import load
+
+    pipe = load(folder, dtype=torch.float32)
+    means, stds = encode_dataset(pipe.vae.requires_grad_(False), images)
+    scene_index = {scene: i for i, scene in enumerate(ALL_SCENES)}
+    scene_ids = torch.tensor([scene_index[s] for s in scenes])
+    generator = torch.Generator().manual_seed(args.seed)
+    loss = train_phrasings(pipe.text_encoder.train(), pipe.unet.eval(), means, stds, scene_ids,
+                           phrasing_table(pipe.tokenizer, args.wordings, args.seed), pipe.vae.config.scaling_factor,
+                           args.text_steps, args.text_batch, args.text_lr, generator,
+                           max(1, min(100, args.text_steps // 10)))
+    write_folder(out, pipe.vae, pipe.text_encoder.eval(), pipe.unet)
+    return loss
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sdfast.shapes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the diffusers model to")
+    parser.add_argument("--from", dest="base", type=Path, default=None,
+                        help="a trained model's folder: run the third stage (phrasings) alone on it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=30000, help="rendered training images")
     parser.add_argument("--vae-steps", type=int, default=2500)
@@ -255,20 +325,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--unet-batch", type=int, default=128)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--text-steps", type=int, default=TEXT_STEPS)
+    parser.add_argument("--text-batch", type=int, default=TEXT_BATCH)
+    parser.add_argument("--text-lr", type=float, default=TEXT_LR)
+    parser.add_argument("--wordings", type=int, default=WORDINGS, help="phrased captions per scene in stage 3")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage on a little data")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.unet_batch = 64, 3, 4, 3, 8
+        args.text_steps, args.text_batch, args.wordings = 3, 8, 2
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    log_every = max(1, min(100, args.unet_steps // 10))
     start = time.time()
     images, scenes = make_dataset(args.images, args.seed)
     print(f"data: {len(images)} images of {len(ALL_SCENES)} scene kinds, {time.time() - start:.0f} s", flush=True)
+    if args.base is None:
+        args.base = args.out
+        templates(images, scenes, args)
+    text_loss = phrasing_stage(args.base, args.out, images, scenes, args)
+    print(f"final: text encoder distillation mse {text_loss:.5f}; wrote {args.out} in "
+          f"{(time.time() - start) / 60:.1f} min")
 
+
+def templates(images: np.ndarray, scenes: list, args: argparse.Namespace) -> None:
+    """Stages 1 and 2 on the template captions, the folder written to ``args.out``."""
+    generator = torch.Generator().manual_seed(args.seed)
+    log_every = max(1, min(100, args.unet_steps // 10))
     vae, text_encoder, unet = build_networks()
     for name, net in (("vae", vae), ("text encoder", text_encoder), ("unet", unet)):
         print(f"{name}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters")
@@ -280,14 +364,13 @@ def main(argv: list[str] | None = None) -> None:
     vae.config = replace(vae.config, scaling_factor=scaling_factor)
     print(f"latents: std {latents.std():.4f}, mean {latents.mean():.4f} -> scaling_factor {scaling_factor:.5f}")
 
-    tokenizer = Tokenizer.clip()
     scene_index = {scene: i for i, scene in enumerate(ALL_SCENES)}
     scene_ids = torch.tensor([scene_index[s] for s in scenes])
-    unet_loss = train_denoiser(text_encoder.train(), unet.train(), means, stds, scene_ids, caption_table(tokenizer),
-                               scaling_factor, args.unet_steps, args.unet_batch, args.unet_lr, generator, log_every)
+    unet_loss = train_denoiser(text_encoder.train(), unet.train(), means, stds, scene_ids,
+                               caption_table(Tokenizer.clip()), scaling_factor, args.unet_steps, args.unet_batch,
+                               args.unet_lr, generator, log_every)
     write_folder(args.out, vae, text_encoder.eval(), unet.eval())
-    print(f"final: vae reconstruction mse {vae_mse:.5f}, unet eps mse {unet_loss:.4f}; "
-          f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
+    print(f"templates: vae reconstruction mse {vae_mse:.5f}, unet eps mse {unet_loss:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,14 @@ def caption_ids(tokenizer: Tokenizer, scenes: list[Scene]) -> torch.Tensor:
     return tokenizer.encode(captions).view(len(scenes) + 1, 8, -1)
 
 
-def metadata(args: argparse.Namespace, images: int) -> dict[str, str]:
-    """kohya sd-scripts' ``ss_*`` training metadata (strings, as safetensors requires) plus the arguments whole.
+def metadata(args: argparse.Namespace, images: int, scenes: list[Scene]) -> dict[str, str]:
+    """kohya sd-scripts' ``ss_*`` training metadata (strings, as safetensors requires) plus the arguments whole;
+    ``ss_tag_frequency`` counts the words of the training ``scenes``' captions (the vocabulary notice reads them).
     No timestamps or hashes of the run, so the same arguments write the same metadata."""
+    words = Counter(word for scene in scenes for v in range(8)
+                    for word in scene.caption(bool(v & 1), bool(v & 2), bool(v & 4)).split())
     return {
+        "ss_tag_frequency": json.dumps({"shapes": dict(sorted(words.items()))}),
         "ss_network_module": "networks.lora", "ss_network_dim": str(args.rank), "ss_network_alpha": str(args.alpha),
         "ss_base_model_version": "sd_v1", "ss_sd_model_name": "sdfast default_model (sdfast/shapes/train.py)",
         "ss_v2": "False", "ss_resolution": "(64, 64)", "ss_seed": str(args.seed), "ss_max_train_steps": str(args.steps),
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                           args.batch, args.lr, generator, log_every=max(1, min(50, args.steps // 10)))
     seconds = time.time() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya_state(adapters), str(args.out), metadata(args, len(diamonds) + len(others)))
+    save_file(kohya_state(adapters), str(args.out), metadata(args, len(diamonds) + len(others), scenes))
     print(f"final: eps mse {loss:.4f}; wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB) in "
           f"{seconds / 60:.1f} min")
 

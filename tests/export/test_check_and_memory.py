@@ -123,7 +123,8 @@ def test_no_check_flag(sd1, tmp_path, monkeypatch, capsys):
     without it the check runs."""
     calls = []
 
-    def fake_export(pipe, folder, *, opset, check_graphs, log):
+    def fake_export(pipe, folder, *, opset, check_graphs, log, controlnets):
+        assert controlnets is None  # no --controlnet: no controlled U-Net either
         calls.append(check_graphs)
         check = {"rel_err": {"noise": 1e-6}} if check_graphs else None
         return {"networks": {"unet": {"check": check}, "vae_decoder": {"check": check and vae_check}}}

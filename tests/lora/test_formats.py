@@ -1,5 +1,6 @@
 """LoRA files in every published layout give diffusers' ``load_lora_weights`` latents (peft underneath)."""
 
+import json
 import warnings
 
 import pytest
@@ -148,3 +149,19 @@ def test_foreign_and_unsupported_files_are_refused_whole(pipes, sdxl, tmp_path):
         pipe.loras.load(tmp_path / "ckpt.safetensors")
     assert len(pipe.loras) == 0
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_caption_words_come_from_kohyas_tag_frequency(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdfast.lora.formats import _caption_words
+
+    def words(metadata):
+        path = tmp_path / "w.safetensors"
+        save_file({"x": torch.zeros(1)}, str(path), metadata=metadata)
+        return _caption_words(path)
+
+    tags = {"10_pics": {"a Blue diamond": 3, "sketch, line-art": 1}}
+    assert words({"ss_tag_frequency": json.dumps(tags)}) == {"a", "blue", "diamond", "sketch", "line", "art"}
+    assert words({"ss_network_module": "networks.lora"}) == frozenset()
+    assert words({"ss_tag_frequency": "not json"}) == words({"ss_tag_frequency": "[1, 2]"}) == frozenset()

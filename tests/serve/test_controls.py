@@ -198,12 +198,11 @@ def test_the_folder_lists_diffusers_folders_and_files_by_name(tmp_path):
         listing(tmp_path, 8)
 
 
-def test_a_bad_folder_or_backend_fails_before_any_replica_starts(tmp_path, monkeypatch, capsys):
+def test_a_bad_folder_fails_before_any_replica_starts_on_any_backend(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="is not a folder"):
         ServeOptions(controlnet_dir=str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="backend=onnxruntime: its exported U-Net takes no ControlNet residuals"):
-        ServeOptions(controlnet_dir=str(tmp_path), backend="onnxruntime")
-    assert ServeOptions(controlnet_dir=str(tmp_path)).controlnet_dir == str(tmp_path)
+    for backend in ("torch", "onnxruntime", "tensorrt"):  # the export backends run ControlNets' graphs too
+        assert ServeOptions(controlnet_dir=str(tmp_path), backend=backend).controlnet_dir == str(tmp_path)
     if HAS_SERVE:  # the command checks its options before it starts Ray
         monkeypatch.delenv("SDFAST_API_KEY", raising=False)
         assert main(["serve", "--controlnet-dir", str(tmp_path / "missing")]) == 2

@@ -4,7 +4,7 @@ demo LoRA's diamond only when asked for."""
 import numpy as np
 import pytest
 
-from sdfast.shapes.checker import check, classify, prompt_attributes
+from sdfast.shapes.checker import check, classify, prompt_attributes, prompt_position
 from sdfast.shapes.dataset import ALL_SCENES, DEMO_SHAPES, DIAMOND_SCENES, HELD_OUT, render
 
 
@@ -20,6 +20,15 @@ def test_checker_agrees_with_ground_truth(renders):
     checks = [check(image, scene.caption()) for image, scene in renders]
     assert np.mean([c.colour_ok for c in checks]) == 1.0
     assert np.mean([c.shape_ok for c in checks]) >= 0.98
+    assert all(c.position_ok for c in checks)
+
+
+def test_position_is_only_checked_when_the_prompt_names_one(renders):
+    image, scene = renders[0]
+    assert check(image, f"a {scene.colour} {scene.shape}").position_ok is None
+    assert classify(image).position == scene.position
+    elsewhere = "bottom right" if scene.position == "top left" else "top left"
+    assert check(image, f"a {scene.colour} {scene.shape} at the {elsewhere}").position_ok is False
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle", "star"])
@@ -38,6 +47,15 @@ def test_no_shape_on_plain_or_textured_background():
 def test_prompt_attributes():
     assert prompt_attributes("a small Red circle, at the top left") == ("red", "circle")
     assert prompt_attributes("a cat") == (None, None)
+    assert prompt_attributes("RED star, top-left.") == ("red", "star")
+
+
+def test_prompt_position_reads_every_wording():
+    assert prompt_position("a red star at the top left") == "top left"
+    assert prompt_position("Red star, upper-left corner.") == "top left"
+    assert prompt_position("in the lower right, a big blue square") == "bottom right"
+    assert {prompt_position(f"a star in the {w}") for w in ("center", "centre", "middle")} == {"center"}
+    assert prompt_position("a red star") is None and prompt_position("a star on the left") is None
 
 
 def test_diamond_is_read_when_asked_for_and_takes_none_of_the_four_shapes(renders):

@@ -84,3 +84,19 @@ def test_checker_agrees_with_generated_images(pipe):
     checks = [check(image, prompt) for image, prompt in zip(images, PROMPTS)]
     colour, shape = np.mean([c.colour_ok for c in checks]), np.mean([c.shape_ok for c in checks])
     assert colour >= 7 / 8 and shape >= 6 / 8, [(p, c.verdict) for p, c in zip(PROMPTS, checks)]
+
+
+# worded as people type them, not as the training templates are (the first two: a new user's, which failed before
+# the model learned phrasings: a purple star in the middle, a rounded blob)
+PHRASED = ["red star at the top left", "a big green square", "Blue circle, bottom right.",
+           "in the middle, a little yellow triangle", "ORANGE SQUARE IN THE UPPER RIGHT CORNER",
+           "purple star, lower left, on grey", "the huge red circle against a black background",
+           "green triangle top-right"]
+
+
+def test_follows_prompts_worded_outside_its_templates(pipe):
+    images = pipe.generate(PHRASED, steps=20, guidance_scale=7.5, seed=0).images
+    checks = [check(image, prompt) for image, prompt in zip(images, PHRASED)]
+    wrong = [(p, c.verdict) for p, c in zip(PHRASED, checks) if not (c.colour_ok and c.shape_ok and
+                                                                       c.position_ok is not False)]
+    assert len(wrong) <= 1, wrong

@@ -143,3 +143,23 @@ def test_generate_command_with_lora(tmp_path):
     assert cli(["generate", "a red diamond", "--lora", str(SHIPPED), "-o", str(out), "--steps", "20",
                 "--seed", "0"]) == 0
     assert classify(Image.open(out), DEMO_SHAPES).shape == "diamond"
+
+
+def test_the_vocabulary_notice_knows_the_words_of_the_loras_in_use():
+    import warnings
+
+    from sdfast.pipeline import OutsideVocabulary
+
+    pipe = sdfast.load()
+    name = pipe.loras.load(SHIPPED, scale=0.0)
+    assert "diamond" in pipe.loras[name].words and "a" in pipe.loras[name].words
+
+    def notices(**fields) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.generate("a blue diamond and a cat", steps=1, seed=0, **fields)
+        return [str(w.message) for w in caught if issubclass(w.category, OutsideVocabulary)]
+
+    assert len(notices()) == 1 and notices()[0].startswith("'and', 'cat':")  # the loaded LoRA's words are known
+    without = notices(loras={})
+    assert len(without) == 1 and without[0].startswith("'and', 'cat', 'diamond':")

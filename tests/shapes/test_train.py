@@ -54,3 +54,29 @@ def test_same_arguments_give_the_same_weights(quick_model, tmp_path):
     for weights in quick_model.rglob("*.safetensors"):
         again = tmp_path / "again" / weights.relative_to(quick_model)
         assert weights.read_bytes() == again.read_bytes(), weights.relative_to(quick_model)
+
+
+def test_from_runs_the_phrasing_stage_alone_and_changes_only_the_text_encoder(quick_model, tmp_path):
+    threads = torch.get_num_threads()
+    main(["--out", str(tmp_path / "phrased"), "--from", str(quick_model), "--quick", "--threads", "1",
+          "--text-lr", "0.1"])
+    torch.set_num_threads(threads)
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        same = (quick_model / f"{part}.safetensors").read_bytes() == \
+            (tmp_path / "phrased" / f"{part}.safetensors").read_bytes()
+        assert same == (part != "text_encoder/model"), part
+
+
+def test_phrasing_table_pairs_each_wording_with_its_template():
+    from sdfast.shapes.dataset import ALL_SCENES
+    from sdfast.shapes.train import caption_table, phrasing_table
+    from sdfast.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.clip()
+    table = phrasing_table(tokenizer, wordings=3, seed=0)
+    assert table.shape == (len(ALL_SCENES) + 1, 8 + 3, 2, 77)
+    assert torch.equal(table[:, :8, 0], caption_table(tokenizer)) and torch.equal(table[:, :8, 1], table[:, :8, 0])
+    assert torch.equal(table[-1, :, 0], table[-1, :, 1])  # the empty caption beside itself
+    assert not torch.equal(table[:-1, 8:, 0], table[:-1, 8:, 1])  # phrasings are not their templates
+    templates = {tuple(row.tolist()) for row in caption_table(tokenizer)[0]}
+    assert all(tuple(row.tolist()) in templates for row in table[0, 8:, 1])  # each beside one of its scene's 8
