@@ -1,6 +1,8 @@
 """`sdfast serve` from the command line on a two-node Ray cluster on loopback (`ray start --head` plus a second
 node): both nodes' replicas answer, and Ctrl-C (SIGINT) stops the service."""
 
+import base64
+import io
 import os
 import signal
 import subprocess
@@ -8,12 +10,18 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from sdfast.serve import HAS_SERVE
 
 pytestmark = pytest.mark.skipif(not HAS_SERVE, reason='needs the serve extra: pip install -e ".[serve]"')
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.int16)
 
 
 def free_port() -> int:
@@ -81,7 +89,10 @@ def test_two_nodes_serve_one_app(tmp_path):
         assert all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:3]
         assert len({body["node"] for _, body in answers}) == 2, "one node's replica never answered"
         first = next(body for _, body in answers if body["seed"] == 3)
-        assert post(3)[1]["images"] == first["images"]  # the same seed on either node: the same bytes
+        # the same seed on either node: the same image. The first may have run in a batch with others and this one
+        # alone, so the pixels agree within one level (a batch row equals a lone call's to 1/255), not the bytes.
+        again = post(3)[1]
+        assert np.abs(decode(again["images"][0]) - decode(first["images"][0])).max() <= 1
         with ThreadPoolExecutor(1) as pool:  # Ctrl-C while a long request is in flight: it still gets its image
             late = pool.submit(httpx.post, f"http://127.0.0.1:{http}/v1/txt2img",
                                json={"prompt": "x", "steps": 150, "seed": 1}, timeout=120)
