@@ -7,8 +7,8 @@ Memory: a graph's weights are never held twice. The exporter streams them from t
 external-data file; onnxslim works on the graph with them left there (it reads only the constants under 1 MiB, the
 ones it folds or inspects); the saved graph gets them streamed from that file, one tensor at a time, into
 ``NAME.onnx.data`` (or inline, under 2 GB; ``sdfast.export.external_data``). Exporting a network thus costs the
-loaded pipeline plus little more; the parity check adds the torch reference's activations and ONNX Runtime's session
-(README: measured peaks).
+loaded pipeline plus little more; so does its parity check (``sdfast.export.check``: the reference converts one layer
+at a time, and the network waits on disk while ONNX Runtime maps the graph; README: measured peaks).
 
 The exporter is torch's default, ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript): at opset >= 21
 it writes GroupNorm as one ``GroupNormalization`` node (with per-channel scale and bias) and shape arithmetic as a
@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,23 +253,34 @@ def _export_specs(pipe, specs: list[GraphSpec], folder: Path, opset: int, check_
     return reports
 
 
-def _controlnet_entry(net, name: str) -> dict:
-    """The manifest's record of one ControlNet graph: its network, weights hash and config."""
-    return {"network": f"controlnet_{name}", "hash": module_hash(net), "config": dataclasses.asdict(net.config)}
+def _export_controlnets(pipe, controlnets, folder: Path, opset: int, check_graphs: bool, external_data_bytes: int,
+                        reports: dict, log) -> dict[str, dict]:
+    """Export each of ``controlnets`` ({name: ControlNet}, or a mapping that loads each when looked up:
+    ``ControlNetFiles``) as ``controlnet_NAME``, one in memory at a time, its report added to ``reports``. Returns
+    the manifest's record of each: its network, weights hash and config."""
+    entries = {}
+    for name in controlnets:
+        net = controlnets[name]
+        reports.update(_export_specs(pipe, [controlnet_spec(pipe, net, name)], folder, opset, check_graphs,
+                                     external_data_bytes, log))
+        entries[name] = {"network": f"controlnet_{name}", "hash": module_hash(net),
+                         "config": dataclasses.asdict(net.config)}
+        del net  # before the next one is loaded
+    return entries
 
 
 def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: bool = True,
                     external_data_bytes: int = EXTERNAL_DATA_BYTES, networks=None, model_hash: str | None = None,
-                    controlnets: dict | None = None, log=None) -> dict:
+                    controlnets: Mapping | None = None, log=None) -> dict:
     """Export a loaded torch ``Pipeline`` (on the CPU, in fp32 or fp16) to ``folder``: one ONNX file per network
     (``networks``, default all of the pipeline's), the tokenizer(s), the scheduler config and ``manifest.json``.
     Each graph is slimmed, then checked on ONNX Runtime against the torch model (``check_graphs``; off, the graphs
     are written unchecked and the manifest's ``check`` entries are null). Returns the manifest. ``log(line)`` hears
     about each network; ``model_hash`` saves hashing the weights again when the caller has done it.
 
-    ``controlnets`` ({name: ``ControlNet``} on the CPU in the pipeline's dtype; ``{}`` for none yet) adds the
-    controlled U-Net ``unet_control`` and one ``controlnet_NAME`` graph each; the manifest's ``controlnets`` maps
-    each name to its network, weights hash and config."""
+    ``controlnets`` ({name: ``ControlNet``} on the CPU in the pipeline's dtype, or ``ControlNetFiles`` to load one
+    at a time; ``{}`` for none yet) adds the controlled U-Net ``unet_control`` and one ``controlnet_NAME`` graph
+    each; the manifest's ``controlnets`` maps each name to its network, weights hash and config."""
     require_onnx()
     dtype = dtype_name(pipe.dtype)
     if pipe.device.type != "cpu":
@@ -288,8 +300,11 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
         _check_controlnet_name(name)
     specs = [spec for spec in graph_specs(pipe) if spec.name in networks]
     if controlnets is not None:
-        specs += [controlled_unet_spec(pipe)] + [controlnet_spec(pipe, net, name) for name, net in controlnets.items()]
+        specs.append(controlled_unet_spec(pipe))
     reports = _export_specs(pipe, specs, folder, opset, check_graphs, external_data_bytes, log)
+    del specs
+    entries = _export_controlnets(pipe, controlnets or {}, folder, opset, check_graphs, external_data_bytes, reports,
+                                  log)
     tokenizers = {name: tok for name, tok in (("tokenizer", pipe.tokenizer), ("tokenizer_2", pipe.tokenizer_2))
                   if tok is not None}
     for name, tokenizer in tokenizers.items():
@@ -309,7 +324,7 @@ def export_pipeline(pipe, folder, *, opset: int = DEFAULT_OPSET, check_graphs: b
         "options": pipe.xl_options,  # SDXL's force_zeros_for_empty_prompt / requires_aesthetics_score
         "scheduler_config": "scheduler/scheduler_config.json",
         "networks": {name: dataclasses.asdict(r) for name, r in reports.items()},
-        "controlnets": {name: _controlnet_entry(net, name) for name, net in (controlnets or {}).items()},
+        "controlnets": entries,
         "tools": tool_versions(),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -322,9 +337,10 @@ def _check_controlnet_name(name: str) -> None:
                           "graph file controlnet_NAME.onnx)")
 
 
-def add_control_graphs(pipe, folder, *, unet: bool = False, controlnets: dict | None = None, log=None) -> dict:
+def add_control_graphs(pipe, folder, *, unet: bool = False, controlnets: Mapping | None = None, log=None) -> dict:
     """Add to the complete export ``folder`` the controlled U-Net (``unet``: needs ``pipe``'s torch U-Net) and
-    ``controlnets`` ({name: ``ControlNet``}; ``pipe`` may then be the exported pipeline, only its configs are read),
+    ``controlnets`` ({name: ``ControlNet``}, or ``ControlNetFiles``; ``pipe`` may then be the exported pipeline, only
+    its configs are read),
     in the export's opset, each checked against torch; ``manifest.json`` is rewritten whole once they are written.
     The caller holds the folder (the export cache's lock). Returns the new manifest."""
     require_onnx()
@@ -332,11 +348,12 @@ def add_control_graphs(pipe, folder, *, unet: bool = False, controlnets: dict | 
     manifest = read_manifest(folder, verify=False)
     for name in controlnets or {}:
         _check_controlnet_name(name)
-    specs = ([controlled_unet_spec(pipe)] if unet else []) + [controlnet_spec(pipe, net, name)
-                                                              for name, net in (controlnets or {}).items()]
+    specs = [controlled_unet_spec(pipe)] if unet else []
     reports = _export_specs(pipe, specs, folder, manifest["opset"], True, EXTERNAL_DATA_BYTES, log)
+    del specs
+    entries = _export_controlnets(pipe, controlnets or {}, folder, manifest["opset"], True, EXTERNAL_DATA_BYTES,
+                                  reports, log)
     manifest["networks"].update({name: dataclasses.asdict(r) for name, r in reports.items()})
-    manifest.setdefault("controlnets", {}).update({name: _controlnet_entry(net, name)
-                                                   for name, net in (controlnets or {}).items()})
+    manifest.setdefault("controlnets", {}).update(entries)
     write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest

@@ -23,8 +23,10 @@ def ort_session(path: Path, providers: list | None = None, *, lean: bool = False
     """An ONNX Runtime session for ``path``; ``initializers`` ({name: OrtValue}, kept alive by the caller) replace
     those of the file (LoRAs: no new export). ``lean``: for a one-off run (the export's check), basic graph
     optimisations only, so ORT does not fold the fp32 casts of an fp16 graph's weights into a second set of weights
-    (and prepack them), and no memory arena keeping the run's peak: on the SD 1.5 fp16 U-Net, a peak of 4.6 GB
-    instead of 5.7 GB (6.5 GB without the arena)."""
+    (and prepack them); no memory arena keeping the run's peak; and nodes run in priority order, which on the CPU
+    runs each of those casts just before the node that needs it: ORT's default order runs them all first (they
+    depend on nothing), so every weight was held in fp32 at once. The SD 1.5 fp16 U-Net at the check's shapes: a
+    peak of 1.9 GiB in 2.9 s, against 4.4 GiB in 6.8 s in the default order (both lean otherwise)."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about every fp16 node it runs through a cast on CPU
     # torch runs the scheduler between graph calls: ORT threads spinning after each run would steal its cores
@@ -33,6 +35,7 @@ def ort_session(path: Path, providers: list | None = None, *, lean: bool = False
     if lean:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.enable_cpu_mem_arena = False
+        options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
     for name, value in (initializers or {}).items():
         options.add_initializer(name, value)
     # ORT 1.32's NCHWc layout transformer (CPU, ENABLE_ALL) reorders a convolution's weights from the file's

@@ -46,7 +46,25 @@ def materialize(build: Callable[[], nn.Module], sources: Mapping[str, Source], w
                 *, component: str, unexpected: Iterable[str] = (), device="cpu", dtype=torch.float32) -> nn.Module:
     """Build a network on the meta device and fill it from ``weights``, each tensor cast once to ``dtype`` on
     ``device`` (no second full copy in memory). Every key, and the shape of every tensor stored as is, is checked
-    before any tensor is read; transformed tensors (split or reshaped) are checked as they are made."""
+    before any tensor is read (``verify``); transformed tensors (split or reshaped) are checked as they are made."""
+    model, expected = verify(build, sources, weights, component=component, unexpected=unexpected)
+    state = {}
+    for name in expected:
+        src = sources[name]
+        tensor = weights.get(src.key)
+        if src.transform is not None:
+            tensor = src.transform(tensor)
+            _check_shape(component, name, src.key, tuple(tensor.shape), expected)
+        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def verify(build: Callable[[], nn.Module], sources: Mapping[str, Source], weights: WeightFile, *, component: str,
+           unexpected: Iterable[str] = ()) -> tuple[nn.Module, dict[str, tuple[int, ...]]]:
+    """What ``materialize`` checks before it reads a tensor: every key of the network built on the meta device has a
+    source in ``weights`` and none is left over, and every tensor stored as is has the network's shape (from the
+    file's header). Returns the meta network and its {name: shape}; raises a CheckpointError naming the problem."""
     with torch.device("meta"):
         model = build()
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -61,25 +79,16 @@ def materialize(build: Callable[[], nn.Module], sources: Mapping[str, Source], w
             parts.append(f"unexpected {len(extra)} keys: {_first(extra)}")
         parts.append("is this file of a different model family, or a config that does not belong to these weights?")
         raise CheckpointError("; ".join(parts))
-
-    def check(name: str, key: str, shape: tuple[int, ...]) -> None:
-        if shape != expected[name]:
-            raise CheckpointError(f"{component}: tensor {name!r} (from {key!r}) has shape {shape} in the checkpoint "
-                                  f"but the network expects {expected[name]}: the config does not match these weights")
-
     for name, src in sources.items():
         if src.transform is None:
-            check(name, src.key, weights.shape(src.key))
-    state = {}
-    for name in expected:
-        src = sources[name]
-        tensor = weights.get(src.key)
-        if src.transform is not None:
-            tensor = src.transform(tensor)
-            check(name, src.key, tuple(tensor.shape))
-        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+            _check_shape(component, name, src.key, weights.shape(src.key), expected)
+    return model, expected
+
+
+def _check_shape(component: str, name: str, key: str, shape: tuple[int, ...], expected: dict) -> None:
+    if shape != expected[name]:
+        raise CheckpointError(f"{component}: tensor {name!r} (from {key!r}) has shape {shape} in the checkpoint "
+                              f"but the network expects {expected[name]}: the config does not match these weights")
 
 
 def read_json(path: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -55,7 +56,8 @@ def run_export(args) -> None:
                          "folder's name): rename one")
     pipe = sdfast.load(args.model or None, device="cpu", dtype=args.dtype)
     if peak_rss():  # the rest of the command's peak is on each network's line
-        print(f"{args.model or 'the shipped model'} loaded in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss() / 2**30:.1f} GiB")
+        print(f"{args.model or 'the shipped model'} loaded in {time.perf_counter() - start:.0f} s, "
+              f"peak RSS {peak_rss() / 2**30:.1f} GiB")
     manifest = export_pipeline(pipe, args.output, opset=args.opset, check_graphs=args.check, log=print,
                                controlnets=_controlnets(pipe, args.controlnet))
     if args.check:
@@ -72,22 +74,21 @@ def run_export(args) -> None:
           f"in {time.perf_counter() - start:.0f} s; {checked}")
 
 
-def _controlnets(pipe, paths: list[Path]) -> dict | None:
-    """``--controlnet`` as {name: ControlNet} on the CPU in the export's dtype, each checked to fit the model; None
-    when none is given (then no controlled U-Net is written)."""
+def _controlnets(pipe, paths: list[Path]) -> Mapping | None:
+    """``--controlnet`` as {name: ControlNet}, each loaded on the CPU in the export's dtype when its graph is
+    exported (one in memory at a time), all checked first (each file's keys and shapes, and that it fits the model)
+    without loading them; None when none is given (then no controlled U-Net is written)."""
     from sdfast.control.controls import check_fits
-    from sdfast.control.loading import load_controlnet
+    from sdfast.control.loading import ControlNetFiles, check_controlnet
 
     if not paths:
         return None
-    nets = {}
     for path in paths:
-        nets[path.stem] = load_controlnet(path, "cpu", pipe.dtype)
         try:
-            check_fits(pipe.unet.config, nets[path.stem].config)
+            check_fits(pipe.unet.config, check_controlnet(path))
         except ValueError as e:
             raise ValueError(f"--controlnet {path}: {e}") from None
-    return nets
+    return ControlNetFiles({path.stem: path for path in paths}, pipe.dtype)
 
 
 def run_build(args) -> None:

@@ -8,7 +8,7 @@ images <-> 8x8x4 latents), a CLIP text encoder on the real CLIP vocabulary, a U-
 networks are sdfast's own, built from the diffusers / transformers configs below, which are also written as the
 folder's config.json files, so diffusers' StableDiffusionPipeline loads the folder too.
 
-Three stages, CPU only, seeded (the same arguments give the same weights on the same machine and thread count):
+Four stages, CPU only, seeded (the same arguments give the same weights on the same machine and thread count):
 1. the VAE: pixel reconstruction (MSE + L1) plus a small KL term; then its scaling factor = 1 / std of the
    training latents, as SD's 0.18215 was chosen (Rombach et al. 2022, sec. G);
 2. text encoder + U-Net jointly on the noise-prediction objective of the forward process (Ho et al. 2020, eq. 14),
@@ -17,13 +17,18 @@ Three stages, CPU only, seeded (the same arguments give the same weights on the 
 3. the text encoder alone, with captions worded as people word them (``phrasing.py``: synonyms, articles or none,
    word order, case, punctuation) beside the templates, distilled through the frozen U-Net: for "red star top left"
    it learns to give the U-Net the noise estimate that the stage-2 text encoder gives for "a red star at the top
-   left", for the templates the estimate they already had. The U-Net and VAE do not change, so the networks
-   trained on them (the demo LoRA and ControlNet) stay valid.
-Weights are written in fp16 (safetensors).
+   left", for the templates the estimate they already had;
+4. the U-Net alone, on the noise-prediction objective again, with the template captions encoded by the stage-3 text
+   encoder (frozen), at a fifth of stage 2's learning rate, squares drawn twice as often (the shape it drew worst):
+   it re-learns to read the embeddings that text encoder now gives, which stage 3 moved. Measured on the held-out
+   sets (README): shape agreement 88.9% -> 90.3% on the templates and 84.7% -> 91.0% on the phrasings (triangles
+   and stars gained; squares stayed at 71% on the templates). The demo LoRA and ControlNet train on this U-Net.
+Stages 3 and 4 each read the folder the stage before wrote (its fp16 weights, as shipped).
 
-    python -m sdfast.shapes.train --out sdfast/data/default_model --from sdfast/data/default_model
+    python -m sdfast.shapes.train --out OUT --from FOLDER --stages 3 4
 
-runs the third stage alone on a trained model (``--from``: its folder), rendering the same data.
+runs later stages alone on a trained model (``--from``: its folder), rendering the same data. The shipped model
+was made in three such runs: stages 1 and 2, then 3, then 4 (``--threads 1``), each from the folder before.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from ..files import write_atomically
 from ..models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
 from ..schedulers import SD_SCHEDULE, make_scheduler
 from ..tokenizer import Tokenizer, write_clip_tokenizer
-from .dataset import ALL_SCENES, make_dataset
+from .dataset import ALL_SCENES, TRAINING_SCENES, make_dataset
 from .phrasing import phrasing_words, training_phrasings
 
 VOCABULARY = "vocabulary.json"  # the words the model was trained on, beside model_index.json
@@ -99,6 +104,8 @@ CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional model classi
 MIN_SNR_GAMMA = 5.0
 KL_WEIGHT = 1e-4  # enough to keep latents bounded and the posterior smooth, small enough not to blur
 TEXT_STEPS, TEXT_BATCH, TEXT_LR = 1500, 128, 1e-3  # stage 3
+ALIGN_STEPS, ALIGN_LR, ALIGN_SEED = 600, 2e-4, 5  # stage 4 (its batch is stage 2's)
+ALIGN_EXTRA = {"square": 1}  # stage 4's extra draws of a shape's scenes: squares twice as often
 WORDINGS = 24  # phrased captions per scene in stage 3, beside its 8 template wordings
 
 
@@ -312,11 +319,42 @@ def phrasing_stage(folder: Path, out: Path, images: np.ndarray, scenes: list, ar
     return loss
 
 
+def align_stage(folder: Path, out: Path, args: argparse.Namespace) -> float:
+    """The fourth stage on the model in ``folder``, written to ``out``: the U-Net alone on ``noise_prediction``, the
+    template captions (``caption_table``) encoded by the folder's text encoder, frozen; the data re-rendered with the
+    scenes of ``ALIGN_EXTRA``'s shapes drawn more often. Returns the final loss."""
+    from ..loading import load
+
+    pipe = load(folder, dtype=torch.float32)
+    extra = tuple(scene for scene in TRAINING_SCENES for _ in range(ALIGN_EXTRA.get(scene.shape, 0)))
+    images, scenes = make_dataset(args.images, args.seed, scenes=TRAINING_SCENES + extra)
+    means, stds = encode_dataset(pipe.vae.requires_grad_(False), images)
+    scene_index = {scene: i for i, scene in enumerate(ALL_SCENES)}
+    scene_ids = torch.tensor([scene_index[s] for s in scenes])
+    text_encoder = pipe.text_encoder.eval().requires_grad_(False)
+    unet = pipe.unet.train().requires_grad_(True)
+
+    def predict(xt, t, ids, idx):
+        with torch.no_grad():
+            context = text_encoder(ids)[0]
+        return unet(xt, t, context)
+
+    generator = torch.Generator().manual_seed(ALIGN_SEED)
+    loss = noise_prediction(predict, list(unet.parameters()), means, stds, scene_ids, caption_table(pipe.tokenizer),
+                            pipe.vae.config.scaling_factor, args.align_steps, args.unet_batch, args.align_lr,
+                            generator, max(1, min(50, args.align_steps // 10)), "align")
+    write_folder(out, pipe.vae, text_encoder, unet.eval())
+    return loss
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sdfast.shapes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the diffusers model to")
     parser.add_argument("--from", dest="base", type=Path, default=None,
-                        help="a trained model's folder: run the third stage (phrasings) alone on it")
+                        help="a trained model's folder to run later stages on (with --stages)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4],
+                        help="the stages to run, in order (default: all; 1 and 2 go together; 3 and 4 need a "
+                             "trained model: the folder the run writes, or --from)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=30000, help="rendered training images")
     parser.add_argument("--vae-steps", type=int, default=2500)
@@ -329,24 +367,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-batch", type=int, default=TEXT_BATCH)
     parser.add_argument("--text-lr", type=float, default=TEXT_LR)
     parser.add_argument("--wordings", type=int, default=WORDINGS, help="phrased captions per scene in stage 3")
+    parser.add_argument("--align-steps", type=int, default=ALIGN_STEPS)
+    parser.add_argument("--align-lr", type=float, default=ALIGN_LR)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage on a little data")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.unet_batch = 64, 3, 4, 3, 8
-        args.text_steps, args.text_batch, args.wordings = 3, 8, 2
+        args.text_steps, args.text_batch, args.wordings, args.align_steps = 3, 8, 2, 3
+    stages = sorted(set(args.stages))
+    if stages != list(range(stages[0], stages[-1] + 1)) or (1 in stages) != (2 in stages):
+        parser.error(f"--stages {' '.join(map(str, args.stages))}: give consecutive stages, 1 and 2 together "
+                     "(e.g. 1 2 3 4, 3 4, or 4)")
+    if stages[0] == 1 and args.base is not None:
+        parser.error(f"--from {args.base}: stages 1 and 2 train a new model; to train that one further, give the "
+                     "later stages (--stages 3 4, 3 or 4)")
+    if stages[0] > 2 and args.base is None:
+        parser.error(f"--stages {' '.join(map(str, stages))}: these stages train a trained model: pass its folder "
+                     "with --from")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.time()
-    images, scenes = make_dataset(args.images, args.seed)
-    print(f"data: {len(images)} images of {len(ALL_SCENES)} scene kinds, {time.time() - start:.0f} s", flush=True)
-    if args.base is None:
-        args.base = args.out
+    folder = args.base
+    if 1 in stages or 3 in stages:
+        images, scenes = make_dataset(args.images, args.seed)
+        print(f"data: {len(images)} images of {len(ALL_SCENES)} scene kinds, {time.time() - start:.0f} s", flush=True)
+    if 1 in stages:
         templates(images, scenes, args)
-    text_loss = phrasing_stage(args.base, args.out, images, scenes, args)
-    print(f"final: text encoder distillation mse {text_loss:.5f}; wrote {args.out} in "
-          f"{(time.time() - start) / 60:.1f} min")
+        folder = args.out
+    if 3 in stages:
+        text_loss = phrasing_stage(folder, args.out, images, scenes, args)
+        print(f"phrasings: text encoder distillation mse {text_loss:.5f}", flush=True)
+        folder = args.out
+    if 4 in stages:
+        align_loss = align_stage(folder, args.out, args)
+        print(f"alignment: U-Net eps mse {align_loss:.4f}", flush=True)
+    print(f"wrote {args.out} (stages {' '.join(map(str, stages))}) in {(time.time() - start) / 60:.1f} min")
 
 
 def templates(images: np.ndarray, scenes: list, args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ for SDXL; an export without the controlled U-Net is refused naming the fix; Tens
 on the CPU. Running engines needs a CUDA GPU: that test is marked ``gpu``."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -128,6 +129,70 @@ def test_the_manifest_records_the_control_graphs(exported, controlnets):
     assert entry["network"] == "controlnet_edges" and len(entry["hash"]) == 64
     config = json.loads((controlnets / "edges" / "config.json").read_text())
     assert entry["config"]["embedding_channels"] == config["conditioning_embedding_out_channels"]
+
+
+def test_export_holds_one_controlnet_at_a_time(sd1, controlnets, tmp_path):
+    """``ControlNetFiles`` loads each ControlNet as its graph is exported: the one before is freed by then (a
+    ControlNet is 1.4 GB at SD 1.5's size in fp32), and the manifest records each with its weights' hash."""
+    import gc
+    import weakref
+
+    from sdfast.control.loading import ControlNetFiles, load_controlnet
+    from sdfast.export.manifest import module_hash
+    from sdfast.export.onnx import export_pipeline
+
+    loaded = []
+
+    class Watched(ControlNetFiles):
+        def __getitem__(self, name):
+            gc.collect()
+            assert all(ref() is None for ref in loaded), "the previous ControlNet is still in memory"
+            net = super().__getitem__(name)
+            loaded.append(weakref.ref(net))
+            return net
+
+    pipe = sdfast.load(sd1.path)
+    files = Watched({name: controlnets / name for name in ("edges", "depth")}, pipe.dtype)
+    manifest = export_pipeline(pipe, tmp_path, networks=(), controlnets=files)
+    assert len(loaded) == 2
+    assert {"unet_control", "controlnet_edges", "controlnet_depth"} == set(manifest["networks"])
+    assert manifest["controlnets"]["depth"]["hash"] == module_hash(load_controlnet(controlnets / "depth"))
+
+
+def test_export_refuses_a_controlnet_of_another_model_before_writing(sdxl, controlnets, tmp_path, capsys,
+                                                                      monkeypatch):
+    """An SD 1.x ControlNet given to an SDXL export: one line naming the flag and the mismatch, before any graph,
+    with no ControlNet loaded (its config and file header are enough)."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a ControlNet was loaded")
+
+    monkeypatch.setattr("sdfast.control.loading.load_controlnet", no_loading)
+    out = tmp_path / "onnx"
+    assert main(["export", str(sdxl.path), "-o", str(out), "--controlnet", str(controlnets / "edges")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"sdfast export: error: --controlnet \S+edges: this ControlNet was made for another model: "
+                        r"its context_dim is \d+, this U-Net's \d+ .*", err)
+    assert not out.exists()
+
+
+def test_export_refuses_a_broken_controlnet_before_writing(sd1, controlnets, tmp_path, capsys):
+    """A ControlNet file missing a weight is refused before the first graph, though it is loaded only when its own
+    graph's turn comes."""
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(controlnets / "depth", tmp_path / "broken")
+    weights = next(broken.glob("*.safetensors"))
+    state = load_file(weights)
+    missing = sorted(state)[0]
+    del state[missing]
+    save_file(state, weights)
+    out = tmp_path / "onnx"
+    assert main(["export", str(sd1.path), "-o", str(out), "--controlnet", str(controlnets / "edges"),
+                 "--controlnet", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"--controlnet {broken}: controlnet: the checkpoint does not match the network" in err
+    assert f"missing 1 keys: {missing}" in err
+    assert not out.exists()
 
 
 def test_an_export_without_the_controlled_unet_is_refused(sd1_onnx, exported, controlnets):

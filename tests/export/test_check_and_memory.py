@@ -32,16 +32,35 @@ def _weights_during_forward(module) -> list:
     return seen
 
 
+def _layers_during_forward(module) -> tuple[list, list]:
+    """At each forward of a submodule with weights of its own: their dtypes, and the share of all the module's
+    weights then in fp32; and the hooks' handles."""
+    total = sum(p.numel() for p in module.parameters())
+    seen = []
+
+    def hook(m, args, out):
+        fp32 = sum(p.numel() for p in module.parameters() if p.dtype == torch.float32)
+        seen.append(({p.dtype for p in m.parameters(recurse=False)}, fp32 / total))
+
+    return seen, [m.register_forward_hook(hook) for m in module.modules() if list(m.parameters(recurse=False))]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU reference; on a GPU it runs in fp16 (test below)")
 def test_fp16_graph_is_checked_against_an_fp32_reference_on_cpu(sd2_fp16_onnx):
-    """The fp16 U-Net graph against the torch U-Net run in fp32, at the fp16 tolerance; after the check the fp16
+    """The fp16 U-Net graph against the torch U-Net run in fp32, at the fp16 tolerance, each layer's weights in fp32
+    only while it runs (never all of them: the reference costs one layer's fp32 copy); after the check the fp16
     weights are bit for bit what they were (converted in place and back)."""
     pipe = sd2_fp16_onnx.torch
     spec = _spec(pipe, "unet")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    seen = _weights_during_forward(spec.module)
-    report = check(spec, sd2_fp16_onnx.folder / "unet.onnx")
-    assert seen == [torch.float32]
+    seen, hooks = _layers_during_forward(spec.module)
+    try:
+        report = check(spec, sd2_fp16_onnx.folder / "unet.onnx")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(seen) > 50 and all(dtypes == {torch.float32} for dtypes, _ in seen)
+    assert max(share for _, share in seen) < 0.1
     assert report["reference"] == "torch fp32 on cpu" and report["tolerance"] == TOLERANCE["fp16"]
     assert max(report["rel_err"].values()) < TOLERANCE["fp16"]
     after = pipe.unet.state_dict()
@@ -68,6 +87,57 @@ def test_a_failed_reference_still_restores_the_weights(sd2_fp16_onnx):
     with pytest.raises(RuntimeError):
         check(spec, sd2_fp16_onnx.folder / "vae_decoder.onnx", {"latent": torch.randn(1, 3, 8, 8).half()})
     assert {(p.dtype, p.device.type) for p in pipe.vae.parameters()} == {(torch.float16, "cpu")}
+
+
+def test_the_network_is_parked_on_disk_while_onnx_runtime_runs(sd2_fp16_onnx, monkeypatch):
+    """While ONNX Runtime runs the graph, the torch network's weights (in the process's own memory) are in an
+    unnamed scratch file, not in memory; after the check (and after a failed run too) they are bit for bit what they
+    were and no file is left; weights mapped from a file stay where they are."""
+    from sdfast.export import check as check_module
+
+    pipe, folder = sd2_fp16_onnx.torch, sd2_fp16_onnx.folder
+    spec = _spec(pipe, "vae_decoder")
+    before = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+    files = sorted(folder.iterdir())
+    real, seen = check_module.ort_session, []
+
+    def session(path, **kwargs):
+        seen.append((sum(p.numel() for p in spec.module.parameters()), sorted(folder.iterdir()) == files))
+        if len(seen) == 1:
+            raise RuntimeError("ONNX Runtime failed")
+        return real(path, **kwargs)
+
+    def unchanged():
+        after = pipe.vae.state_dict()
+        return all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+    monkeypatch.setattr(check_module, "ort_session", session)
+    with pytest.raises(RuntimeError, match="ONNX Runtime failed"):
+        check(spec, folder / "vae_decoder.onnx")
+    assert unchanged() and sorted(folder.iterdir()) == files
+    check(spec, folder / "vae_decoder.onnx")
+    assert unchanged() and sorted(folder.iterdir()) == files
+    assert seen == [(0, True), (0, True)]
+    monkeypatch.setattr(check_module, "file_backed_ranges", lambda: [(0, 2**64)])  # as if all were mapped
+    paged = []
+    monkeypatch.setattr(check_module, "page_out", lambda address, nbytes: paged.append(nbytes))
+    check(spec, folder / "vae_decoder.onnx")
+    assert seen[-1] == (sum(p.numel() for p in spec.module.parameters()), True) and unchanged()
+    assert sum(paged) == sum(p.numel() * p.element_size() for p in spec.module.parameters())
+
+
+def test_page_out_keeps_mapped_weights():
+    """Weights mapped from their file (the shipped model in fp16) handed back to the kernel read the same after."""
+    from sdfast.export.memory import file_backed_ranges, in_ranges, page_out
+
+    unet = sdfast.load(dtype="fp16").unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    mapped = file_backed_ranges()
+    weights = [p for p in unet.parameters() if in_ranges(p.data_ptr(), mapped)]
+    assert weights  # fp16 weights from an fp16 safetensors file are mapped, not copied
+    for p in weights:
+        page_out(p.data_ptr(), p.numel() * p.element_size())
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
 
 
 def test_weights_stay_on_disk_while_onnxslim_works(sd1, tmp_path):

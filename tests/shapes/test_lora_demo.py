@@ -126,7 +126,9 @@ def _shapes(pipe, prompts, **fields):
 
 
 def test_the_shipped_lora_draws_diamonds_and_without_it_there_are_none(pipe):
-    without = _shapes(pipe, HELD_OUT_DIAMONDS)
+    """Diamonds with the LoRA, none without it (nor in a call that leaves it out); the shapes the model knew stay as
+    they were, give or take one of six (docs/lora_evaluation.json: 90.3% without, 88.9% with, on 144 prompts)."""
+    without, known_without = _shapes(pipe, HELD_OUT_DIAMONDS), _shapes(pipe, KNOWN)
     name = pipe.loras.load(SHIPPED)
     try:
         with_lora, known = _shapes(pipe, HELD_OUT_DIAMONDS), _shapes(pipe, KNOWN)
@@ -135,7 +137,9 @@ def test_the_shipped_lora_draws_diamonds_and_without_it_there_are_none(pipe):
         pipe.loras.unload(name)
     assert len(HELD_OUT_DIAMONDS) == 6 and with_lora.count("diamond") >= 5, with_lora
     assert "diamond" not in without and "diamond" not in per_call, (without, per_call)
-    assert sum(shape == prompt.split()[2] for shape, prompt in zip(known, KNOWN)) >= 5, known
+    right = [sum(shape == prompt.split()[2] for shape, prompt in zip(shapes, KNOWN))
+             for shapes in (known_without, known)]
+    assert right[0] >= 4 and right[1] >= right[0] - 1, (known_without, known)
 
 
 def test_generate_command_with_lora(tmp_path):

@@ -56,15 +56,28 @@ def test_same_arguments_give_the_same_weights(quick_model, tmp_path):
         assert weights.read_bytes() == again.read_bytes(), weights.relative_to(quick_model)
 
 
-def test_from_runs_the_phrasing_stage_alone_and_changes_only_the_text_encoder(quick_model, tmp_path):
+@pytest.mark.parametrize("stage,trained", [("3", "text_encoder/model"), ("4", "unet/diffusion_pytorch_model")])
+def test_from_runs_one_stage_alone_and_changes_only_its_network(quick_model, tmp_path, stage, trained):
+    """--stages 3 (phrasings) trains the text encoder alone, --stages 4 (alignment) the U-Net alone."""
     threads = torch.get_num_threads()
-    main(["--out", str(tmp_path / "phrased"), "--from", str(quick_model), "--quick", "--threads", "1",
-          "--text-lr", "0.1"])
+    main(["--out", str(tmp_path / "again"), "--from", str(quick_model), "--stages", stage, "--quick", "--threads",
+          "1", "--text-lr", "0.1", "--align-lr", "0.1"])
     torch.set_num_threads(threads)
     for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
         same = (quick_model / f"{part}.safetensors").read_bytes() == \
-            (tmp_path / "phrased" / f"{part}.safetensors").read_bytes()
-        assert same == (part != "text_encoder/model"), part
+            (tmp_path / "again" / f"{part}.safetensors").read_bytes()
+        assert same == (part != trained), part
+
+
+@pytest.mark.parametrize("stages,message", [(["2", "3"], "give consecutive stages, 1 and 2 together"),
+                                            (["1", "3"], "give consecutive stages"),
+                                            (["3", "4"], "pass its folder with --from"),
+                                            (["1", "2", "3", "4", "--from", "m"], "stages 1 and 2 train a new model")])
+def test_stages_that_cannot_run_are_refused(stages, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--quick", "--stages", *stages])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_phrasing_table_pairs_each_wording_with_its_template():
