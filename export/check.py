@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -101,13 +102,9 @@ def _parked(module: nn.Module, folder: Path):
     loaded in fp16) stay as they are, their pages handed back to the kernel (``page_out``: read again from the file
     when next used). The export's modules are the torch backend's, where no tensor is a view of a weight (a view
     would keep the old storage)."""
-    mapped, own = file_backed_ranges(), []
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        if t.is_floating_point() and t.numel():
-            if in_ranges(t.data_ptr(), mapped):
-                page_out(t.data_ptr(), t.numel() * t.element_size())
-            else:
-                own.append(t)
+    own, mapped = _weights(module)
+    for t in mapped:
+        page_out(t.data_ptr(), t.numel() * t.element_size())
     parked = []  # (tensor, shape, bytes), in the file's order
     with tempfile.TemporaryFile(prefix=".parked.", dir=folder) as scratch:  # no name: gone with the process
         try:
@@ -129,6 +126,15 @@ def _parked(module: nn.Module, folder: Path):
                     raise ExportError(f"the scratch file holding {module.__class__.__name__}'s weights during the "
                                       f"check was cut short ({data.size} of {nbytes} bytes): is the disk failing?")
                 t.data = torch.from_numpy(data).view(t.dtype).reshape(shape)
+
+
+def _weights(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``module``'s floating-point weights: those in the process's own memory, and those mapped from a file."""
+    ranges, own, mapped = file_backed_ranges(), [], []
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point() and t.numel():
+            (mapped if in_ranges(t.data_ptr(), ranges) else own).append(t)
+    return own, mapped
 
 
 def _run_graph(path: Path, inputs: dict[str, torch.Tensor], outputs: list[str]) -> list:
@@ -180,14 +186,17 @@ def check(spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor] | None = 
     return report
 
 
-def check_memory_problem(spec: GraphSpec, graph_bytes: int) -> str | None:
-    """Why checking a graph of ``graph_bytes`` would not fit in the memory this machine has available now, or
-    None. The check needs about CHECK_MEMORY[dtype] bytes per graph byte beyond the loaded pipeline, plus 1 GiB
-    for the activations at its small shapes; Linux's MemAvailable counts the pipeline's weights mapped from the
-    checkpoint as reclaimable, as they are."""
+def check_memory_problem(spec: GraphSpec, graph_bytes: int, folder: Path) -> str | None:
+    """Why checking a graph of ``graph_bytes`` (in ``folder``) would not fit in the memory this machine has available
+    now, or None. The check needs about CHECK_MEMORY[dtype] bytes per graph byte beyond the loaded pipeline, plus
+    1 GiB for the activations at its small shapes, less what parking the network frees (``_parked``: its weights in
+    the process's own memory, when the disk has room for them); Linux's MemAvailable counts the pipeline's weights
+    mapped from the checkpoint as reclaimable, as they are."""
     available = available_memory()
     dtype = dtype_name(spec.dtype)
-    need = CHECK_MEMORY[dtype] * graph_bytes + 2**30
+    own = sum(t.numel() * t.element_size() for t in _weights(spec.module)[0])
+    parked = own if shutil.disk_usage(folder).free > own + 2**30 else 0
+    need = max(CHECK_MEMORY[dtype] * graph_bytes - parked, 0) + 2**30
     if available is None or need <= available:
         return None
     return (f"the check of this {graph_bytes / 2**30:.1f} GiB {dtype} graph needs about {need / 2**30:.1f} GiB "

@@ -202,7 +202,7 @@ def export_network(spec: GraphSpec, folder: Path, opset: int, *, check_graph: bo
     size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
     report, check_s = None, None
     if check_graph:
-        too_big = check_memory_problem(spec, size)
+        too_big = check_memory_problem(spec, size, folder)
         report = {"skipped": too_big} if too_big else check(spec, path)
         check_s = time.perf_counter() - start
     return NetworkReport(path.name, file_hash(path), size, external, inputs, outputs, slim_report, report,
