@@ -301,6 +301,12 @@ def vocabulary() -> list[str]:
                                       for word in re.findall(r"[a-z]+", scene.caption(*said).lower())})
 
 
+def _scene_ids(scenes: list) -> torch.Tensor:
+    """Each scene's index in ALL_SCENES: its row of the caption tables."""
+    index = {scene: i for i, scene in enumerate(ALL_SCENES)}
+    return torch.tensor([index[s] for s in scenes])
+
+
 def phrasing_stage(folder: Path, out: Path, images: np.ndarray, scenes: list, args: argparse.Namespace) -> float:
     """The third stage on the model in ``folder`` (its fp16 weights, as shipped), written to ``out``: the VAE's
     latents of ``images``, then ``train_phrasings``. Returns the final loss."""
@@ -308,8 +314,7 @@ def phrasing_stage(folder: Path, out: Path, images: np.ndarray, scenes: list, ar
 
     pipe = load(folder, dtype=torch.float32)
     means, stds = encode_dataset(pipe.vae.requires_grad_(False), images)
-    scene_index = {scene: i for i, scene in enumerate(ALL_SCENES)}
-    scene_ids = torch.tensor([scene_index[s] for s in scenes])
+    scene_ids = _scene_ids(scenes)
     generator = torch.Generator().manual_seed(args.seed)
     loss = train_phrasings(pipe.text_encoder.train(), pipe.unet.eval(), means, stds, scene_ids,
                            phrasing_table(pipe.tokenizer, args.wordings, args.seed), pipe.vae.config.scaling_factor,
@@ -329,8 +334,7 @@ def align_stage(folder: Path, out: Path, args: argparse.Namespace) -> float:
     extra = tuple(scene for scene in TRAINING_SCENES for _ in range(ALIGN_EXTRA.get(scene.shape, 0)))
     images, scenes = make_dataset(args.images, args.seed, scenes=TRAINING_SCENES + extra)
     means, stds = encode_dataset(pipe.vae.requires_grad_(False), images)
-    scene_index = {scene: i for i, scene in enumerate(ALL_SCENES)}
-    scene_ids = torch.tensor([scene_index[s] for s in scenes])
+    scene_ids = _scene_ids(scenes)
     text_encoder = pipe.text_encoder.eval().requires_grad_(False)
     unet = pipe.unet.train().requires_grad_(True)
 
@@ -421,8 +425,7 @@ def templates(images: np.ndarray, scenes: list, args: argparse.Namespace) -> Non
     vae.config = replace(vae.config, scaling_factor=scaling_factor)
     print(f"latents: std {latents.std():.4f}, mean {latents.mean():.4f} -> scaling_factor {scaling_factor:.5f}")
 
-    scene_index = {scene: i for i, scene in enumerate(ALL_SCENES)}
-    scene_ids = torch.tensor([scene_index[s] for s in scenes])
+    scene_ids = _scene_ids(scenes)
     unet_loss = train_denoiser(text_encoder.train(), unet.train(), means, stds, scene_ids,
                                caption_table(Tokenizer.clip()), scaling_factor, args.unet_steps, args.unet_batch,
                                args.unet_lr, generator, log_every)
