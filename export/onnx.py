@@ -120,10 +120,21 @@ def to_onnx(spec: GraphSpec, opset: int, path: Path) -> "onnx.ModelProto":
             input_names=list(spec.inputs), output_names=list(spec.outputs), optimize=True,
             dynamic_shapes=_dynamic_shapes(spec))
         program.save(str(path), external_data=True)
-    del program  # (its ONNX model shares the torch tensors: nothing large is freed, but nothing is kept either)
+        _release_weights(program.model)
+    del program
     model = onnx.load(str(path), load_external_data=False)
     inline_below(model, path.parent, SLIM_INLINE_BYTES)
     return model
+
+
+def _release_weights(model) -> None:
+    """Drop the exporter's graph's hold on the torch weights. Its initializers share the weights' memory (the Linear
+    weights through NumPy views of detached aliases), and onnxscript 0.7's rewriter keeps the last graph it matched
+    referenced from its module-level rules until the next export: the parity check's parking could then not free
+    those weights (measured on the SDXL fp32 U-Net: 1.3 of its 9.6 GiB freed, and 21.8 GiB resident once they were
+    read back, against 13.5 GiB before the check)."""
+    for value in model.graph.initializers.values():
+        value.const_value = None
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple:
