@@ -70,22 +70,39 @@ class Conditioning:
         return replace(self, controls=tuple(c for c in self.controls if c.acts_at(call, calls)))
 
     def inputs(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, object]:
-        """The U-Net's keyword inputs for latents ``x``: ``added``, and the controls' residuals summed in order
-        (diffusers' MultiControlNetModel) as ``down_residuals`` / ``mid_residual``."""
-        down, mid = None, None
-        for c in self.controls:
-            d, m = c.net(x, t, self.context, c.image, c.scale, **self.added)
-            down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
-        return self.added if down is None else {**self.added, "down_residuals": down, "mid_residual": mid}
+        """The U-Net's keyword inputs for latents ``x``: ``added``, and the controls' residuals
+        (``control_residuals``)."""
+        controls = [(c.net, c.image, c.scale) for c in self.controls]
+        return {**self.added, **control_residuals(controls, x, t, self.context, self.added)}
+
+
+def control_residuals(controls, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                      added: dict[str, torch.Tensor]) -> dict[str, object]:
+    """The U-Net's ``down_residuals`` / ``mid_residual`` from ``controls`` ((ControlNet, image, scale) each; the
+    scale a float, or a 0-dim tensor inside a CUDA graph), summed in order as diffusers' MultiControlNetModel does;
+    {} for none."""
+    down, mid = None, None
+    for net, image, scale in controls:
+        d, m = net(x, t, context, image, scale, **added)
+        down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+    return {} if down is None else {"down_residuals": down, "mid_residual": mid}
+
+
+def unet_output(unet: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The U-Net's output for ``x`` under ``cond``. A U-Net that runs the ControlNets itself (``runs_controls``:
+    the triton backend's CUDA graphs, each holding the ControlNets and the U-Net of a step) is handed the controls;
+    any other, their residuals."""
+    if cond.controls and getattr(unet, "runs_controls", False):
+        return unet(x, t, cond.context, controls=cond.controls, **cond.added)
+    return unet(x, t, cond.context, **cond.inputs(x, t))
 
 
 def guided(unet: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022). ``cond`` is [negative; prompt] stacked on the batch axis
     when ``scale > 1``, and the prompt alone otherwise (then the U-Net runs once, on the conditional half)."""
     if scale <= 1.0:
-        return unet(x, t, cond.context, **cond.inputs(x, t))
-    x = torch.cat([x, x])
-    uncond, positive = unet(x, t, cond.context, **cond.inputs(x, t)).chunk(2)
+        return unet_output(unet, x, t, cond)
+    uncond, positive = unet_output(unet, torch.cat([x, x]), t, cond).chunk(2)
     return uncond + scale * (positive - uncond)
 
 

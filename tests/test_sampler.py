@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdfast.control.controls import Active
 from sdfast.sampler import Conditioning, LatentRGB, denoise, guided, predicted_x0
 from sdfast.schedulers import make_scheduler
 from sdfast.timing import Recorder
@@ -23,7 +24,7 @@ class Recording:
 
     def __call__(self, x, t, context, **added):
         self.calls.append({"batch": len(x), "t": float(t), "context": context, **added})
-        return 0.1 * x + context.mean() + sum(v.float().mean() for v in added.values())
+        return 0.1 * x + context.mean() + sum(v.float().mean() for v in added.values() if torch.is_tensor(v))
 
 
 def test_guidance_is_uncond_plus_scale_times_the_difference():
@@ -47,6 +48,44 @@ def test_the_added_conditioning_reaches_every_call():
             recorder=Recorder(torch.device("cpu")))
     assert len(unet.calls) == 4
     assert all(c["batch"] == 2 and set(c) >= {"text_embeds", "time_ids"} for c in unet.calls)
+
+
+class ControlStandIn:
+    """A ControlNet stand-in: residuals that are its offset times the scale, recording the scales it ran at."""
+
+    def __init__(self, offset: float):
+        self.offset, self.scales = offset, []
+
+    def __call__(self, x, t, context, image, scale, **added):
+        self.scales.append(scale)
+        return [torch.full_like(x, self.offset * scale)], torch.full_like(x, self.offset * scale)
+
+
+def test_controls_reach_the_unet_as_residuals_or_whole():
+    """Each control's residuals at its scale, summed in order, reach an ordinary U-Net callable; a U-Net that runs
+    the ControlNets itself (``runs_controls``: the triton backend's CUDA graphs) gets the controls instead and is
+    never handed residuals."""
+    a, b = ControlStandIn(1.0), ControlStandIn(10.0)
+    image = torch.zeros(2, 3, 64, 64)
+    controls = (Active(a, image, 0.5, 0.0, 1.0), Active(b, image, 2.0, 0.0, 1.0))
+    cond = Conditioning(torch.randn(2, 77, 8), {"text_embeds": torch.randn(2, 5)}, controls)
+    unet = Recording()
+    guided(unet, torch.randn(1, 4, 8, 8), torch.tensor(500), cond, 5.0)
+    (call,) = unet.calls
+    assert call["mid_residual"].eq(20.5).all() and [d.eq(20.5).all() for d in call["down_residuals"]] == [True]
+    assert call["batch"] == len(call["mid_residual"]) == 2  # the ControlNets saw the guided batch, [x; x]
+    assert a.scales == [0.5] and b.scales == [2.0] and "text_embeds" in call
+
+    class RunsControls(Recording):
+        runs_controls = True
+
+    unet = RunsControls()
+    guided(unet, torch.randn(1, 4, 8, 8), torch.tensor(500), cond, 5.0)
+    (call,) = unet.calls
+    assert call["controls"] is controls and "down_residuals" not in call and "text_embeds" in call
+    assert a.scales == [0.5]  # not run by the sampler
+    guided(unet, torch.randn(1, 4, 8, 8), torch.tensor(500), Conditioning(cond.context), 5.0)
+    assert "controls" not in unet.calls[-1]  # no controls: the plain call
 
 
 def test_window_callback_and_previews():

@@ -8,7 +8,8 @@ A model -> model step over a loaded torch pipeline (``sdfast.load(..., backend="
   ``sdfast.kernels.attention.attention`` (the VAE's single 512-wide head stays on torch's SDPA);
 - ``prepare_modules`` (shared with the ``compile`` backend) makes the conv weights channels-last and fuses self-attention's
   q / k / v projections into one GEMM;
-- ``CudaGraphUNet`` replays the U-Net from a CUDA graph captured per (latent shape, context shape, dtype).
+- ``CudaGraphUNet`` replays the U-Net, with the step's ControlNets, from a CUDA graph captured per set of input
+  shapes and ControlNets.
 Each step is an option (``TritonOptions``): ``kernels=False`` keeps torch's ops at the seams, so a benchmark can
 tell the kernels' share from the graphs'.
 Nothing global is patched and no parameter is renamed: ``state_dict()`` keeps the checkpoint's keys.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,7 @@ from torch import nn
 
 from ..models.layers import Attention, GroupNorm
 from ..models.unet import TransformerBlock
+from ..sampler import control_residuals
 
 
 @dataclass(frozen=True)
@@ -115,62 +118,115 @@ def use_kernels(net: nn.Module, autotune: str = "quick") -> nn.Module:
 
 
 class CudaGraphUNet(nn.Module):
-    """``unet(x, t, context, **extra)`` replayed from CUDA graphs, one captured per set of input shapes and dtypes
-    (``extra``: the SDXL U-Net's ``text_embeds`` / ``time_ids``, ControlNet's ``down_residuals`` (a list) and
-    ``mid_residual``; None ones are left out).
+    """``unet(x, t, context, controls=(), **extra)`` replayed from CUDA graphs, one captured per set of input shapes
+    and dtypes and of ControlNets (``extra``: the SDXL U-Net's ``text_embeds`` / ``time_ids``, or residuals a caller
+    computed, ``down_residuals`` (a list) and ``mid_residual``; None ones are left out).
+
+    ``controls`` (``sdfast.control.Active``: ControlNet, image, scale) run inside the U-Net's graph
+    (``runs_controls``: the sampler hands them over rather than their residuals), so one replay runs a whole
+    controlled step and no residual crosses the graph's edge. The image is an input like the latents; the scale is
+    a 0-dim tensor the graph reads, so a new scale replays the same graph. The steps outside a control's window
+    replay the graph without it. A ControlNet that is dropped, or converted by the backend after a call ran it as it
+    was (``forget``), takes its graphs with it: they read its weights where they were.
+
+    The graphs share one memory pool: calls are serialised and each output is copied out at once, so no graph reads
+    another's memory, and each set of ControlNets costs its activations once, not once per graph.
 
     A call copies its inputs into the graph's static buffers, replays, and returns a copy of the static output (so
     the next call cannot overwrite a result still in use). ``t`` is kept as fp32 (B,), as the U-Net reads it.
     ``config`` and the wrapped ``unet`` stay reachable for the pipeline."""
 
+    runs_controls = True
+
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        # key -> (graph, static input buffers by name, static scales, static output)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], list[torch.Tensor],
+                                       torch.Tensor]] = {}
+        self._pool = None  # the graphs' memory pool, made at the first capture
+        self._watched: set[int] = set()  # ids of the ControlNets whose end drops their graphs
 
     @property
     def config(self):
         return self.unet.config
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, controls=(), **extra) -> torch.Tensor:
+        if controls and ("down_residuals" in extra or "mid_residual" in extra):
+            raise ValueError("give the U-Net either controls or residuals, not both")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
         inputs = {"x": x, "t": t, "context": context}
-        for name, value in extra.items():  # ControlNet's down_residuals list: one static buffer per tensor
+        for name, value in extra.items():  # a residuals list: one static buffer per tensor
             if isinstance(value, (list, tuple)):
                 inputs.update({f"{name}.{i}": v for i, v in enumerate(value)})
             elif value is not None:
                 inputs[name] = value
-        key = tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items())
+        inputs.update({f"control.{i}": c.image for i, c in enumerate(controls)})
+        nets = tuple(c.net for c in controls)
+        key = (tuple(id(net) for net in nets), tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items()))
         if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
-        graph, static, out = self.graphs[key]
+            self.graphs[key] = self._capture(inputs, nets)
+        graph, static, scales, out = self.graphs[key]
         for name, buffer in static.items():
             buffer.copy_(inputs[name])
+        for buffer, c in zip(scales, controls):
+            buffer.fill_(c.scale)
         graph.replay()
         return out.clone()
 
-    def _capture(self, inputs: dict[str, torch.Tensor]):
+    def _capture(self, inputs: dict[str, torch.Tensor], nets: tuple[nn.Module, ...]):
         static = {name: v.clone() for name, v in inputs.items()}
         static["t"] = static["t"].to(torch.float32)
+        scales = [torch.ones((), device=static["x"].device) for _ in nets]
+        images = [static[f"control.{i}"] for i in range(len(nets))]
         extra: dict[str, object] = {}
         for name, v in static.items():
             base, dot, _ = name.partition(".")
+            if base == "control" or name in ("x", "t", "context"):
+                continue
             if dot:  # down_residuals.0, .1, ...: the list again, in order
                 extra.setdefault(base, []).append(v)
-            elif name not in ("x", "t", "context"):
+            else:
                 extra[name] = v
         x, t, context = static["x"], static["t"], static["context"]
+
+        def step() -> torch.Tensor:
+            residuals = control_residuals(zip(nets, images, scales), x, t, context, extra)
+            return self.unet(x, t, context, **extra, **residuals)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph: autotuning, cuDNN plans, lazy allocations
             for _ in range(2):
-                self.unet(x, t, context, **extra)
+                step()
         torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.unet(x, t, context, **extra)  # (B, C, h, w), lives in the graph's private pool
-        return graph, static, out
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step()  # (B, C, h, w), lives in the graphs' pool
+        for net in nets:  # the graph reads the ControlNet's weights: it must not outlive them
+            if id(net) not in self._watched:
+                self._watched.add(id(net))
+                weakref.finalize(net, _net_gone, weakref.ref(self), id(net)).atexit = False
+        return graph, static, scales, out
+
+    def forget(self, net: nn.Module) -> None:
+        """Drop the graphs that run ``net`` (its weights are about to move: the backend converts it)."""
+        self._drop(id(net))
+
+    def _drop(self, net_id: int) -> None:
+        for key in [key for key in list(self.graphs) if net_id in key[0]]:  # list(): a snapshot, whatever the thread
+            del self.graphs[key]
+
+
+def _net_gone(ref: weakref.ref, net_id: int) -> None:
+    """Drop the graphs of a ControlNet that is gone (its id may be reused)."""
+    owner = ref()
+    if owner is not None:
+        owner._watched.discard(net_id)
+        owner._drop(net_id)
 
 
 IN_PLACE = True  # converts the torch modules, which load() builds on the target device
@@ -199,12 +255,18 @@ def prepare(pipe, device: torch.device | None = None, **options):
     for net in (pipe.unet, pipe.vae):
         convert(net, opts)
     unet = CudaGraphUNet(pipe.unet) if opts.cuda_graph and pipe.device.type == "cuda" else pipe.unet
-    return dataclasses.replace(pipe, unet=unet, control_step=functools.partial(convert, opts=opts))
+
+    def control_step(net: nn.Module) -> nn.Module:
+        if isinstance(unet, CudaGraphUNet):  # a call may have run it unconverted: those graphs read its old weights
+            unet.forget(net)
+        return convert(net, opts)
+
+    return dataclasses.replace(pipe, unet=unet, control_step=control_step)
 
 
 def convert(net: nn.Module, opts: TritonOptions) -> nn.Module:
     """``net`` (a U-Net, VAE or ControlNet) with the backend's module changes and, unless ``opts.kernels`` is off,
-    the Triton kernels at its seams (in place). A ControlNet runs outside the U-Net's CUDA graph, whose inputs its
-    residuals are."""
+    the Triton kernels at its seams (in place). A ControlNet runs inside the U-Net's CUDA graphs
+    (``CudaGraphUNet``)."""
     prepare_modules(net, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv)
     return use_kernels(net, opts.autotune) if opts.kernels else net

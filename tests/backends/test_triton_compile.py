@@ -156,4 +156,4 @@ def test_gpu_cuda_graphs_key_on_sdxl_inputs(sdxl):
         got, want = pipe.generate(**args), reference.generate(**args)
         assert rel_err(got.latents, want.latents) < 1e-2
     assert len(pipe.unet.graphs) == 3
-    assert all({"text_embeds", "time_ids"} <= {name for name, *_ in key} for key in pipe.unet.graphs)
+    assert all({"text_embeds", "time_ids"} <= {name for name, *_ in inputs} for _, inputs in pipe.unet.graphs)
