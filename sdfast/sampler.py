@@ -69,12 +69,6 @@ class Conditioning:
             return self
         return replace(self, controls=tuple(c for c in self.controls if c.acts_at(call, calls)))
 
-    def inputs(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, object]:
-        """The U-Net's keyword inputs for latents ``x``: ``added``, and the controls' residuals
-        (``control_residuals``)."""
-        controls = [(c.net, c.image, c.scale) for c in self.controls]
-        return {**self.added, **control_residuals(controls, x, t, self.context, self.added)}
-
 
 def control_residuals(controls, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                       added: dict[str, torch.Tensor]) -> dict[str, object]:
@@ -94,7 +88,8 @@ def unet_output(unet: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditio
     any other, their residuals."""
     if cond.controls and getattr(unet, "runs_controls", False):
         return unet(x, t, cond.context, controls=cond.controls, **cond.added)
-    return unet(x, t, cond.context, **cond.inputs(x, t))
+    controls = [(c.net, c.image, c.scale) for c in cond.controls]
+    return unet(x, t, cond.context, **cond.added, **control_residuals(controls, x, t, cond.context, cond.added))
 
 
 def guided(unet: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:

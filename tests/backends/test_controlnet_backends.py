@@ -60,7 +60,6 @@ def test_compile_traces_the_controlnet_once(sd1, controlnet, controls, expected)
     assert counters["stats"]["unique_graphs"] == graphs  # the same compiled graphs ran the new scale
 
 
-
 def test_cuda_graph_bookkeeping_with_controlnets(sd1, controlnet, controls, monkeypatch):
     """What ``CudaGraphUNet`` keeps around its replays, with torch.cuda's graph and stream calls stood in for (this
     CPU has none; the replays themselves are the gpu test's): one graph per set of ControlNets and shapes, the scale
