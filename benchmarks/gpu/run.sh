@@ -23,8 +23,13 @@ START=$(date +%s)
 export PYTHONUNBUFFERED=1
 if [ "$REHEARSE" = 1 ]; then
   OUT=${OUT:-$(mktemp -d)}
-  BUDGET=${BUDGET:-900}
-  SCALE=3  # Triton's interpreter on 2 CPU cores: every stage gets three times its GPU limit
+  # Triton's interpreter on 2 CPU cores: each stage gets three times its GPU limit, within 900 s (or $BUDGET), where
+  # a Python loop adding 2M integers takes 0.2 s; a slower or busier machine gets proportionally more of both.
+  read -r SCALE BUDGET < <(python3 -c "import math, os, time
+t = time.perf_counter(); s = 0
+for i in range(2_000_000): s += i
+slow = max(1.0, (time.perf_counter() - t) / 0.2)
+print(math.ceil(3 * slow), os.environ.get('BUDGET') or math.ceil(900 * slow))")
   export SDFAST_CACHE=${SDFAST_CACHE:-$(mktemp -d)}
   export TRITON_INTERPRET=1  # the triton rows run the kernels in Triton's CPU interpreter
   export CUDA_VISIBLE_DEVICES=""
@@ -38,6 +43,7 @@ RESERVE=20  # kept for the summary and packing the log
 export OUT WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/run.log"
+[ "$REHEARSE" = 1 ] && echo "rehearsal: each stage gets ${SCALE}x its GPU limit, ${BUDGET} s in all" | tee -a "$LOG"
 STAGES=()
 PY=python3
 S="$PY benchmarks/gpu/stages.py"

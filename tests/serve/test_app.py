@@ -218,8 +218,11 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_is_lost(server):
 
     result = asyncio.run(run_load(f"http://127.0.0.1:{server.port}", requests=60, concurrency=8, duration_s=90,
                                   payload={"steps": 30}, api_key=KEY, kill_after_s=1.0, kill=kill_replica))
-    assert result["killed"], result
-    assert result["lost"] == 0 and result["errors"] == {} and result["ok"] + result["rejected"] == 60, result
+    # run_load stops sending at duration_s, so a slow machine issues fewer than 60: each one sent is answered, and
+    # enough were sent that requests were queued on both replicas when one died.
+    assert result["killed"] and result["issued"] >= 2 * 8, result
+    assert result["lost"] == 0 and result["errors"] == {} and result["ok"] + result["rejected"] == result["issued"], \
+        result
     assert result["attempts"].get(2, 0) >= 1, result  # the requests in flight on it were retried on the other
     _wait_for_two_replicas()
 
