@@ -121,8 +121,8 @@ def test_a_shared_pipeline_is_safe_across_threads(sdxl):
         except Exception as e:  # noqa: BLE001 - the test reports any failure
             errors.append(e)
 
-    def watch():
-        while not done.is_set():
+    def watch():  # every half millisecond: a busy loop here would hold the GIL the workers need
+        while not done.wait(0.0005):
             casts.extend({p.dtype for p in pipe.vae.parameters()} - {torch.float16})
 
     watcher = threading.Thread(target=watch)
