@@ -172,7 +172,9 @@ class Pipeline:
                     f"the latents hold NaN or Inf (dtype {self.dtype}): the U-Net overflowed. Load the model with "
                     "dtype=torch.float32 or torch.bfloat16 instead of showing a black image")
             if r.denoising_end is not None:  # a hand-off: the latents are still noisy, only the next model decodes
-                return GenerationResult([], x, Timings.from_spans(recorder.resolve(), self.device), r.seed, previews)
+                timings = Timings.from_spans(recorder.resolve(), self.device)
+                timings.steps = r.steps
+                return GenerationResult([], x, timings, r.seed, previews)
             with recorder.span("vae_decode"):
                 decoded, vae_dtype, fallback = self._decode(x)
         if not torch.isfinite(decoded).all():

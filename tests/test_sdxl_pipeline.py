@@ -136,7 +136,8 @@ def test_base_refiner_hand_off_matches_diffusers(pipes):
     expected = ref_refiner.pipe(PROMPT, image=handed, num_inference_steps=8, denoising_start=0.75, guidance_scale=7.5,
                                 generator=torch.Generator().manual_seed(12), output_type="latent").images
     first = base.generate(PROMPT, steps=8, seed=11, denoising_end=0.75, **size)
-    assert len(first.timings.step_ms) == 6  # 8 Euler steps, the first 3/4 of the schedule
+    assert len(first.timings.step_ms) == 6 and first.timings.steps == 8  # 8 Euler steps, the first 3/4 of them
+    assert first.timings.summary().startswith("8 steps (6 U-Net calls)")
     assert first.images == [] and first.timings.vae_decode_ms == 0  # noisy latents are not decoded
     assert rel_err(first.latents, handed) < LATENT_TOL
     # the size comes from the handed latents (64x48 here, not the refiner's default)

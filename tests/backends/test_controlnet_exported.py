@@ -4,9 +4,11 @@ does with one ControlNet, with two (scales, windows), from the export cache (the
 for SDXL; an export without the controlled U-Net is refused naming the fix; TensorRT-RTX builds both graphs' engines
 on the CPU. Running engines needs a CUDA GPU: that test is marked ``gpu``."""
 
+import gc
 import json
 import re
 import shutil
+import weakref
 
 import pytest
 
@@ -38,12 +40,33 @@ def controlnets(sd1, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(sd1, controlnets, tmp_path_factory):
-    """`sdfast export MODEL -o DIR --controlnet edges --controlnet depth`."""
+def export_run(sd1, controlnets, tmp_path_factory):
+    """`sdfast export MODEL -o DIR --controlnet edges --controlnet depth`, watching the ControlNets it loads: the
+    folder, and weak references to the ControlNets in the order they were loaded. Before each load, the one before
+    must be gone (``ControlNetFiles`` loads each as its graph is exported: 1.4 GB at SD 1.5's size in fp32)."""
+    from sdfast.control.loading import ControlNetFiles
+
     folder = tmp_path_factory.mktemp("sd1-control") / "onnx"
-    assert main(["export", str(sd1.path), "-o", str(folder), "--controlnet", str(controlnets / "edges"),
-                 "--controlnet", str(controlnets / "depth")]) == 0
-    return folder
+    loaded = []
+    load = ControlNetFiles.__getitem__
+
+    def watched(self, name):
+        gc.collect()
+        assert all(ref() is None for ref in loaded), "the previous ControlNet is still in memory"
+        net = load(self, name)
+        loaded.append(weakref.ref(net))
+        return net
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ControlNetFiles, "__getitem__", watched)
+        assert main(["export", str(sd1.path), "-o", str(folder), "--controlnet", str(controlnets / "edges"),
+                     "--controlnet", str(controlnets / "depth")]) == 0
+    return folder, loaded
+
+
+@pytest.fixture(scope="module")
+def exported(export_run):
+    return export_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -131,32 +154,17 @@ def test_the_manifest_records_the_control_graphs(exported, controlnets):
     assert entry["config"]["embedding_channels"] == config["conditioning_embedding_out_channels"]
 
 
-def test_export_holds_one_controlnet_at_a_time(sd1, controlnets, tmp_path):
-    """``ControlNetFiles`` loads each ControlNet as its graph is exported: the one before is freed by then (a
-    ControlNet is 1.4 GB at SD 1.5's size in fp32), and the manifest records each with its weights' hash."""
-    import gc
-    import weakref
-
-    from sdfast.control.loading import ControlNetFiles, load_controlnet
+def test_export_holds_one_controlnet_at_a_time(export_run, controlnets):
+    """The export loads each ControlNet as its graph's turn comes, the one before freed by then (``export_run``
+    checks that at each load), and the manifest records each with its weights' hash."""
+    from sdfast.control.loading import load_controlnet
     from sdfast.export.manifest import module_hash
-    from sdfast.export.onnx import export_pipeline
 
-    loaded = []
-
-    class Watched(ControlNetFiles):
-        def __getitem__(self, name):
-            gc.collect()
-            assert all(ref() is None for ref in loaded), "the previous ControlNet is still in memory"
-            net = super().__getitem__(name)
-            loaded.append(weakref.ref(net))
-            return net
-
-    pipe = sdfast.load(sd1.path)
-    files = Watched({name: controlnets / name for name in ("edges", "depth")}, pipe.dtype)
-    manifest = export_pipeline(pipe, tmp_path, networks=(), controlnets=files)
+    folder, loaded = export_run
     assert len(loaded) == 2
-    assert {"unet_control", "controlnet_edges", "controlnet_depth"} == set(manifest["networks"])
+    manifest = read_manifest(folder)
     assert manifest["controlnets"]["depth"]["hash"] == module_hash(load_controlnet(controlnets / "depth"))
+    assert manifest["controlnets"]["edges"]["hash"] == module_hash(load_controlnet(controlnets / "edges"))
 
 
 def test_export_refuses_a_controlnet_of_another_model_before_writing(sdxl, controlnets, tmp_path, capsys,
