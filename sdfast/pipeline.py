@@ -172,17 +172,15 @@ class Pipeline:
                     f"the latents hold NaN or Inf (dtype {self.dtype}): the U-Net overflowed. Load the model with "
                     "dtype=torch.float32 or torch.bfloat16 instead of showing a black image")
             if r.denoising_end is not None:  # a hand-off: the latents are still noisy, only the next model decodes
-                timings = Timings.from_spans(recorder.resolve(), self.device)
-                timings.steps = r.steps
-                return GenerationResult([], x, timings, r.seed, previews)
+                return GenerationResult([], x, Timings.from_spans(recorder.resolve(), self.device, r.steps), r.seed,
+                                        previews)
             with recorder.span("vae_decode"):
                 decoded, vae_dtype, fallback = self._decode(x)
         if not torch.isfinite(decoded).all():
             raise FloatingPointError(f"the decoded image holds NaN or Inf even in {vae_dtype}: the VAE overflowed; "
                                      "load the model with dtype=torch.float32 instead of showing a black image")
-        timings = Timings.from_spans(recorder.resolve(), self.device)
+        timings = Timings.from_spans(recorder.resolve(), self.device, r.steps)
         timings.vae_dtype, timings.vae_fallback = str(vae_dtype).removeprefix("torch."), fallback
-        timings.steps = r.steps
         return GenerationResult(to_pil(decoded), x, timings, r.seed, previews)
 
     def conditioning(self, r: Request) -> Conditioning:

@@ -66,7 +66,7 @@ class Timings:
     steps: int = 0  # the steps asked for; a scheduler may make more U-Net calls (heun: 2n - 1) or fewer (img2img)
 
     @classmethod
-    def from_spans(cls, spans: dict[str, list[float]], device: torch.device) -> "Timings":
+    def from_spans(cls, spans: dict[str, list[float]], device: torch.device, steps: int = 0) -> "Timings":
         t = cls(
             text_encoder_ms=sum(spans.get("text_encoder", [0.0])),
             unet_ms=spans.get("unet", []),
@@ -77,6 +77,7 @@ class Timings:
             preview_ms=sum(spans.get("preview", [0.0])),
             total_ms=sum(spans.get("total", [0.0])),
             device=str(device),
+            steps=steps,
         )
         t.stats = {name: latency_stats(getattr(t, name)) for name in ("unet_ms", "scheduler_ms", "step_ms")}
         return t
