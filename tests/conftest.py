@@ -17,9 +17,18 @@ import torch
 
 from sdfast.tokenizer import write_clip_tokenizer
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the groups into work units
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.gpu`` (optionally ``reason=...``): the test needs a CUDA device and is skipped without one,
-    saying why; ``-m gpu`` selects exactly these on a GPU machine."""
+    saying why; ``-m gpu`` selects exactly these on a GPU machine.
+
+    Under ``pytest -n N --dist loadgroup`` (pytest-xdist) each test file runs whole on one worker, so its module
+    fixtures are built once; tests/serve/ stays on one worker too, so that its local Ray clusters (and the timing of
+    its load tests) never share the machine with another cluster."""
+    here = Path(__file__).parent
+    for item in items:
+        path = Path(item.path).relative_to(here)
+        item.add_marker(pytest.mark.xdist_group("serve" if path.parts[0] == "serve" else path.as_posix()))
     if torch.cuda.is_available():
         return
     for item in items:
