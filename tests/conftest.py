@@ -25,10 +25,10 @@ def pytest_collection_modifyitems(config, items):
     Under ``pytest -n N --dist loadgroup`` (pytest-xdist) each test file runs whole on one worker, so its module
     fixtures are built once; tests/serve/ stays on one worker too, so that its local Ray clusters (and the timing of
     its load tests) never share the machine with another cluster."""
-    here = Path(__file__).parent
+    serve = Path(__file__).parent / "serve"
     for item in items:
-        path = Path(item.path).relative_to(here)
-        item.add_marker(pytest.mark.xdist_group("serve" if path.parts[0] == "serve" else path.as_posix()))
+        group = "serve" if item.path.is_relative_to(serve) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     for item in items:
