@@ -8,6 +8,7 @@ Both use the real CLIP vocabulary and a 4-level VAE (8x, as in SD), at widths th
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from sdfast.tokenizer import write_clip_tokenizer
+
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the groups into work units
 def pytest_collection_modifyitems(config, items):
@@ -137,19 +139,42 @@ def _needs_onnx() -> None:
                     'pip install -e ".[onnx]"')
 
 
-def _exported_on_the_fly(ref: Reference, cache: Path) -> Exported:
+def _made_once(tmp_path_factory, name: str, make) -> Path:
+    """A new folder of this session's, named after ``name``, holding what ``make(folder)`` writes into an empty one.
+    Under pytest-xdist that is made once per run, not once per worker: the first worker to ask makes it in a folder
+    the run's workers share (under a file lock, so that the others wait for it), and each worker copies it."""
+    own = tmp_path_factory.mktemp(name)
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        make(own)
+        return own
+    from sdfast.export.files import file_lock
+
+    shared = tmp_path_factory.getbasetemp().parent / name  # pytest-N/, beside each worker's popen-gwK/
+    done = shared.with_name(name + ".done")
+    with file_lock(shared.with_name(name + ".lock"), what=f"making {name} for the tests"):
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)  # what a worker that failed left
+            shared.mkdir()
+            make(shared)
+            done.touch()
+    shutil.copytree(shared, own, dirs_exist_ok=True)
+    return own
+
+
+def _exported_on_the_fly(ref: Reference, tmp_path_factory, name: str) -> Exported:
     """``ref``'s model in fp32, exported as ``sdfast.load(..., backend="onnxruntime")`` does, into a fresh cache."""
     import sdfast
     from sdfast.export.cache import cached_export
 
     _needs_onnx()
     pipe = sdfast.load(ref.path)
-    return Exported(cached_export(pipe, cache), pipe, cache)
+    cache = _made_once(tmp_path_factory, name, lambda folder: cached_export(pipe, folder))
+    return Exported(cached_export(pipe, cache), pipe, cache)  # verifies the entry, and finds it
 
 
 @pytest.fixture(scope="session")
 def sd1_onnx(sd1, tmp_path_factory) -> Exported:
-    return _exported_on_the_fly(sd1, tmp_path_factory.mktemp("sdfast-cache"))
+    return _exported_on_the_fly(sd1, tmp_path_factory, "sdfast-cache")
 
 
 @pytest.fixture(scope="session")
@@ -158,10 +183,11 @@ def sd2_fp16_onnx(sd2, tmp_path_factory) -> Exported:
     import sdfast
     from sdfast.cli import main
 
+    def export(folder: Path) -> None:
+        assert main(["export", str(sd2.path), "-o", str(folder / "onnx"), "--dtype", "fp16"]) == 0
+
     _needs_onnx()
-    folder = tmp_path_factory.mktemp("sd2-fp16") / "onnx"
-    assert main(["export", str(sd2.path), "-o", str(folder), "--dtype", "fp16"]) == 0
-    return Exported(folder, sdfast.load(sd2.path, dtype="fp16"))
+    return Exported(_made_once(tmp_path_factory, "sd2-fp16", export) / "onnx", sdfast.load(sd2.path, dtype="fp16"))
 
 
 # -- SDXL: tiny random base and refiner pipelines (diffusers' StableDiffusionXL*), saved as diffusers folders --
@@ -225,4 +251,4 @@ def sdxl_refiner(tmp_path_factory) -> Reference:
 @pytest.fixture(scope="session")
 def sdxl_onnx(sdxl, tmp_path_factory) -> Exported:
     """Five graphs: two text encoders, the U-Net with text_embeds / time_ids, the VAE's two halves."""
-    return _exported_on_the_fly(sdxl, tmp_path_factory.mktemp("sdfast-cache-xl"))
+    return _exported_on_the_fly(sdxl, tmp_path_factory, "sdfast-cache-xl")
