@@ -66,9 +66,9 @@ EOF
 # The ControlNet ONNX export tests took half of this run's time (6 of 12 minutes on a 2-core CPU) and the GPU run never
 # exports: the plain export and ONNX Runtime stay covered on these versions by tests/backends/test_onnxruntime.py.
 (($#)) || set -- tests/kernels tests/backends --ignore=tests/backends/test_controlnet_exported.py
-if ((REHEARSE)); then  # started once the environment is whole: the rehearsal installs nothing into it then
+if ((REHEARSE)); then  # started once the environment is whole (ready): the rehearsal installs nothing into it
     rehearsal_log=$(mktemp)
-    PATH="$VENV/bin:$PATH" bash benchmarks/gpu/run.sh --rehearse >"$rehearsal_log" 2>&1 &
+    SDFAST_INSTALLED=1 PATH="$VENV/bin:$PATH" bash benchmarks/gpu/run.sh --rehearse >"$rehearsal_log" 2>&1 &
     rehearsal=$!
 fi
 start=$SECONDS

@@ -72,13 +72,12 @@ stage() {
 }
 
 # What the image lacks travels as wheels (benchmarks/gpu/wheels.sh) and goes to $SITE; then sdfast itself, editable,
-# unless this checkout's is installed already (as compat.sh leaves it: its tests run beside the rehearsal, and a
-# reinstall would take sdfast away from a process starting meanwhile).
+# unless SDFAST_INSTALLED says this checkout's is installed already (compat.sh --rehearse: its tests run beside the
+# rehearsal, and a reinstall would take sdfast away from a process starting meanwhile).
 SETUP='if [ "$REHEARSE" = 0 ] && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target "$SITE" .gpu/wheels/*.whl || exit
 fi
-python3 -P -c "import os, sdfast.kernels; assert os.path.samefile(os.path.dirname(sdfast.__path__[0]), os.curdir)" \
-  2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . || exit
+[ -n "${SDFAST_INSTALLED:-}" ] || python3 -m pip install -q --no-deps --no-build-isolation -e . || exit
 python3 benchmarks/gpu/stages.py env'
 export REHEARSE SITE=/tmp/site  # where wheels.sh --ort's runs put onnxruntime-gpu too
 mkdir -p "$SITE"
